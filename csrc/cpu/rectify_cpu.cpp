@@ -1,0 +1,51 @@
+// CPU backend of easier_ext::rectify_count: picks the kernel variant for this CPU and registers it.
+#include <ATen/ATen.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include "build_info.h"
+#include "cpu/rectify_cpu_kernel.h"
+#include "rectify_args.h"
+
+namespace easier_ext {
+namespace {
+
+cpu::RectifyCountKernel select_kernel() {
+#ifdef EASIER_EXT_CPU_X86
+  // Follow ATen's choice, which checks the CPU and honours ATEN_CPU_CAPABILITY.
+  const std::string cap = at::get_cpu_capability();
+  if (cap.rfind("AVX512", 0) == 0) return cpu::AVX512::rectify_count_kernel;
+  if (cap.rfind("AVX2", 0) == 0) return cpu::AVX2::rectify_count_kernel;
+#endif
+  return cpu::DEFAULT::rectify_count_kernel;
+}
+
+std::tuple<at::Tensor, at::Tensor> rectify_count_cpu(const at::Tensor& input, c10::string_view activation,
+                                                      double negative_slope, const std::optional<at::Tensor>& weight,
+                                                      int64_t channel_dim) {
+  TORCH_INTERNAL_ASSERT(input.device().is_cpu());
+  RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), negative_slope,
+                                  weight, channel_dim);
+  at::Tensor counts = at::zeros({plan.layout.channels}, input.options().dtype(at::kLong));
+  static const cpu::RectifyCountKernel kernel = select_kernel();
+  kernel(plan, counts.mutable_data_ptr<int64_t>());
+  return {plan.output, counts};
+}
+
+}  // namespace
+
+std::string cpu_kernel_capability() {
+  const auto k = select_kernel();
+#ifdef EASIER_EXT_CPU_X86
+  if (k == cpu::AVX512::rectify_count_kernel) return "AVX512";
+  if (k == cpu::AVX2::rectify_count_kernel) return "AVX2";
+#endif
+  (void)k;
+  return "DEFAULT";
+}
+
+TORCH_LIBRARY_IMPL(easier_ext, CPU, m) {
+  m.impl("rectify_count", &rectify_count_cpu);
+}
+
+}  // namespace easier_ext

@@ -1,0 +1,18 @@
+#pragma once
+// The vectorized CPU kernel, compiled once per CPU capability (see CMakeLists.txt); each copy
+// lives in its own namespace so the instruction sets never mix.
+#include <cstdint>
+
+#include "rectify_args.h"
+
+namespace easier_ext::cpu {
+
+// Writes plan.output and adds each channel's ON count into counts[0, C), which the caller has
+// zeroed. One pass over plan.input; no temporary of the input's size.
+using RectifyCountKernel = void (*)(const RectifyPlan& plan, int64_t* counts);
+
+namespace DEFAULT { void rectify_count_kernel(const RectifyPlan& plan, int64_t* counts); }
+namespace AVX2 { void rectify_count_kernel(const RectifyPlan& plan, int64_t* counts); }
+namespace AVX512 { void rectify_count_kernel(const RectifyPlan& plan, int64_t* counts); }
+
+}  // namespace easier_ext::cpu

@@ -1,0 +1,229 @@
+// Fused rectifier + per-channel ON counting on CUDA: one pass with 16-byte loads, counts kept in
+// registers, reduced per block in shared memory and flushed with one atomic per channel per block.
+// Runs on the current stream and never synchronises with the host.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "rectify_args.h"
+
+namespace easier_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int kMaxGrid = 65535;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T val[N];
+};
+
+// The same formulas as the CPU kernel; the piecewise-linear ones are written as comparisons so
+// NaN and -0.0 come out exactly as on the CPU (x < 0 ? 0 : x keeps both).
+template <Activation A, typename T>
+__device__ __forceinline__ T activate(T x, T slope) {
+  if constexpr (A == Activation::ReLU) {
+    return x < T(0) ? T(0) : x;
+  } else if constexpr (A == Activation::ReLU6) {
+    const T t = x < T(0) ? T(0) : x;
+    return T(6) < t ? T(6) : t;
+  } else if constexpr (A == Activation::LeakyReLU || A == Activation::PReLU) {
+    return x > T(0) ? x : x * slope;
+  } else if constexpr (A == Activation::GELU) {
+    return x * T(0.5) * (T(1) + ::erf(x * T(M_SQRT1_2)));
+  } else if constexpr (A == Activation::GELUTanh) {
+    const T inner = T(M_SQRT2 * M_2_SQRTPI * 0.5) * (x + T(0.044715) * (x * x * x));
+    return T(0.5) * x * (T(1) + ::tanh(inner));
+  } else {
+    static_assert(A == Activation::SiLU);
+    return x / (T(1) + ::exp(-x));
+  }
+}
+
+template <typename scalar_t, typename opmath>
+__device__ __forceinline__ opmath channel_slope(const scalar_t* weight, bool shared_weight, opmath slope,
+                                                int64_t c) {
+  return weight == nullptr ? slope : static_cast<opmath>(weight[shared_weight ? 0 : c]);
+}
+
+// inner == 1: rows of `channels` contiguous values. threadIdx.x walks channel vectors (coalesced
+// along a row), threadIdx.y and blockIdx.y walk rows, so each thread counts fixed channels.
+template <typename scalar_t, Activation A, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    rows_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, const scalar_t* __restrict__ weight,
+                bool shared_weight, at::opmath_type<scalar_t> slope, int64_t rows, int64_t channels,
+                unsigned long long* __restrict__ counts) {
+  using opmath = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, VEC>;
+  __shared__ unsigned long long block_counts[kWarp * VEC];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int nthreads = blockDim.x * blockDim.y;
+  const int block_channels = blockDim.x * VEC;
+  for (int i = tid; i < block_channels; i += nthreads) block_counts[i] = 0;
+  __syncthreads();
+
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 < channels) {
+    opmath s[VEC];
+    unsigned long long on[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      s[i] = channel_slope(weight, shared_weight, slope, c0 + i);
+      on[i] = 0;
+    }
+    const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+    for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows; r += row_step) {
+      const int64_t off = r * channels + c0;
+      const P v = *reinterpret_cast<const P*>(in + off);
+      P o;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const opmath x = static_cast<opmath>(v.val[i]);
+        on[i] += x > opmath(0);
+        o.val[i] = static_cast<scalar_t>(activate<A>(x, s[i]));
+      }
+      *reinterpret_cast<P*>(out + off) = o;
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      if (on[i]) atomicAdd(&block_counts[threadIdx.x * VEC + i], on[i]);
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < block_channels; i += nthreads) {
+    const int64_t c = static_cast<int64_t>(blockIdx.x) * block_channels + i;
+    if (c < channels && block_counts[i]) atomicAdd(counts + c, block_counts[i]);
+  }
+}
+
+// inner > 1: each (outer, channel) pair is a contiguous plane. blockIdx.y picks the channel, so a
+// block counts one channel at a time; blockIdx.x and the threads walk that channel's planes.
+template <typename scalar_t, Activation A, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    planes_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, const scalar_t* __restrict__ weight,
+                  bool shared_weight, at::opmath_type<scalar_t> slope, int64_t outer, int64_t channels, int64_t inner,
+                  unsigned long long* __restrict__ counts) {
+  using opmath = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, VEC>;
+  __shared__ unsigned long long warp_counts[kThreads / kWarp];
+  const int64_t vec_inner = inner / VEC;
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  for (int64_t c = blockIdx.y; c < channels; c += gridDim.y) {
+    const opmath s = channel_slope(weight, shared_weight, slope, c);
+    unsigned long long on = 0;
+    for (int64_t o = blockIdx.x; o < outer; o += gridDim.x) {
+      const int64_t base = (o * channels + c) * inner;
+      for (int64_t j = threadIdx.x; j < vec_inner; j += blockDim.x) {
+        const int64_t off = base + j * VEC;
+        const P v = *reinterpret_cast<const P*>(in + off);
+        P r;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const opmath x = static_cast<opmath>(v.val[i]);
+          on += x > opmath(0);
+          r.val[i] = static_cast<scalar_t>(activate<A>(x, s));
+        }
+        *reinterpret_cast<P*>(out + off) = r;
+      }
+    }
+#pragma unroll
+    for (int d = kWarp / 2; d > 0; d /= 2) on += __shfl_down_sync(0xffffffffu, on, d);
+    if (lane == 0) warp_counts[warp] = on;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long total = 0;
+      for (int w = 0; w < static_cast<int>(blockDim.x / kWarp); ++w) total += warp_counts[w];
+      if (total) atomicAdd(counts + c, total);
+    }
+    __syncthreads();
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int next_pow2(int64_t v, int cap) {
+  int p = 1;
+  while (p < v && p < cap) p *= 2;
+  return p;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename scalar_t, Activation A, int VEC>
+void launch(const RectifyPlan& plan, unsigned long long* counts, cudaStream_t stream) {
+  using opmath = at::opmath_type<scalar_t>;
+  const auto [outer, channels, inner] = plan.layout;
+  const scalar_t* in = plan.input.const_data_ptr<scalar_t>();
+  scalar_t* out = plan.output.mutable_data_ptr<scalar_t>();
+  const scalar_t* weight = plan.weight ? plan.weight->const_data_ptr<scalar_t>() : nullptr;
+  const bool shared_weight = plan.weight && plan.weight->numel() == 1;
+  const auto slope = static_cast<opmath>(plan.negative_slope);
+  // Enough resident blocks to fill every SM a few times over, no more: each extra block costs
+  // one atomic per channel.
+  const int64_t target = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+
+  if (inner == 1) {
+    const int64_t vec_channels = channels / VEC;
+    const int tx = next_pow2(vec_channels, kWarp);
+    const int ty = kThreads / tx;
+    const int64_t gx = ceil_div(vec_channels, tx);
+    const int64_t gy = std::clamp<int64_t>(ceil_div(target, gx), 1, std::min<int64_t>(ceil_div(outer, ty), kMaxGrid));
+    rows_kernel<scalar_t, A, VEC><<<dim3(gx, gy), dim3(tx, ty), 0, stream>>>(in, out, weight, shared_weight, slope,
+                                                                               outer, channels, counts);
+  } else {
+    const int threads = std::max(kWarp, next_pow2(inner / VEC, kThreads));
+    const int64_t gy = std::min<int64_t>(channels, kMaxGrid);
+    const int64_t gx = std::clamp<int64_t>(ceil_div(target, gy), 1, std::min<int64_t>(outer, kMaxGrid));
+    planes_kernel<scalar_t, A, VEC><<<dim3(gx, gy), threads, 0, stream>>>(in, out, weight, shared_weight, slope,
+                                                                           outer, channels, inner, counts);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> rectify_count_cuda(const at::Tensor& input, c10::string_view activation,
+                                                       double negative_slope, const std::optional<at::Tensor>& weight,
+                                                       int64_t channel_dim) {
+  TORCH_INTERNAL_ASSERT(input.device().is_cuda());
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), negative_slope,
+                                  weight, channel_dim);
+  at::Tensor counts = at::zeros({plan.layout.channels}, input.options().dtype(at::kLong));
+  if (plan.input.numel() == 0) return {plan.output, counts};
+  auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto [outer, channels, inner] = plan.layout;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.input.scalar_type(), "rectify_count_cuda", [&] {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    // 16-byte loads need whole vectors inside one channel's block and aligned addresses.
+    const int64_t run = inner == 1 ? channels : inner;
+    const bool vectorize = run % kVec == 0 && aligned16(plan.input.const_data_ptr()) &&
+                           aligned16(plan.output.const_data_ptr());
+    dispatch_activation(plan.activation, [&](auto act) {
+      constexpr Activation A = decltype(act)::value;
+      if (vectorize) {
+        launch<scalar_t, A, kVec>(plan, count_ptr, stream);
+      } else {
+        launch<scalar_t, A, 1>(plan, count_ptr, stream);
+      }
+    });
+  });
+  return {plan.output, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(easier_ext, CUDA, m) {
+  m.impl("rectify_count", &rectify_count_cuda);
+}
+
+}  // namespace easier_ext

@@ -1,0 +1,13 @@
+// Schemas of the easier_ext ops, in one place. Each backend registers its kernels at the end of
+// its own file (TORCH_LIBRARY_IMPL); fake (meta) kernels and autograd are registered from Python
+// in easier_ext/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(easier_ext, m) {
+  // Applies `activation` to `input` and, in the same pass, counts for every index along
+  // `channel_dim` how many elements were ON (pre-activation > 0). Returns the activation's output
+  // (same sizes and memory format as `input`) and the int64 counts, shape (C,).
+  m.def(
+      "rectify_count(Tensor input, str activation, float negative_slope, Tensor? weight, int channel_dim)"
+      " -> (Tensor, Tensor)");
+}

@@ -1,0 +1,106 @@
+#include "rectify_args.h"
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <utility>
+
+namespace easier_ext {
+namespace {
+
+constexpr std::array<std::pair<std::string_view, Activation>, 7> kActivations{{
+    {"relu", Activation::ReLU},
+    {"relu6", Activation::ReLU6},
+    {"leaky_relu", Activation::LeakyReLU},
+    {"prelu", Activation::PReLU},
+    {"gelu", Activation::GELU},
+    {"gelu_tanh", Activation::GELUTanh},
+    {"silu", Activation::SiLU},
+}};
+
+Activation parse_activation(std::string_view name) {
+  for (const auto& [known, a] : kActivations) {
+    if (name == known) return a;
+  }
+  TORCH_CHECK_VALUE(false, "easier_ext.rectify_count: unknown activation '", name,
+                    "'; expected one of relu, relu6, leaky_relu, prelu, gelu, gelu_tanh, silu");
+}
+
+void check_input(const at::Tensor& input) {
+  const auto dt = input.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                   "easier_ext.rectify_count: expected a floating-point input (float32, float64, float16 "
+                   "or bfloat16), got ", dt);
+  TORCH_CHECK_VALUE(input.dim() >= 1,
+                    "easier_ext.rectify_count: expected an input with at least 1 dimension (a channel dim "
+                    "to count over), got a 0-d tensor");
+}
+
+int64_t check_channel_dim(const at::Tensor& input, int64_t channel_dim) {
+  const int64_t ndim = input.dim();
+  TORCH_CHECK_INDEX(channel_dim >= -ndim && channel_dim < ndim, "easier_ext.rectify_count: channel_dim ",
+                    channel_dim, " is out of range for a ", ndim, "-d input of shape ", input.sizes(),
+                    " (expected a value in [", -ndim, ", ", ndim - 1, "])");
+  return channel_dim < 0 ? channel_dim + ndim : channel_dim;
+}
+
+std::optional<at::Tensor> check_weight(Activation a, const at::Tensor& input,
+                                       const std::optional<at::Tensor>& weight, int64_t channels) {
+  if (a != Activation::PReLU) {
+    TORCH_CHECK_VALUE(!weight.has_value(),
+                      "easier_ext.rectify_count: a weight is only used by 'prelu'; got one for another "
+                      "activation");
+    return std::nullopt;
+  }
+  TORCH_CHECK_VALUE(weight.has_value(), "easier_ext.rectify_count: 'prelu' needs a weight tensor of 1 or ",
+                    channels, " values");
+  const at::Tensor& w = *weight;
+  TORCH_CHECK_VALUE(w.dim() <= 1 && (w.numel() == 1 || w.numel() == channels),
+                    "easier_ext.rectify_count: prelu weight of shape ", w.sizes(),
+                    " does not match the input: expected 1 value or one per channel (", channels,
+                    " along the channel dim)");
+  TORCH_CHECK_TYPE(w.scalar_type() == input.scalar_type(), "easier_ext.rectify_count: prelu weight has dtype ",
+                   w.scalar_type(), " but the input has ", input.scalar_type(), "; expected the same dtype");
+  TORCH_CHECK(w.device() == input.device(), "easier_ext.rectify_count: prelu weight is on ", w.device(),
+              " but the input is on ", input.device(), "; expected the same device");
+  return w.contiguous();
+}
+
+// For a non-overlapping, dense tensor, the dims laid out inside the channel dim (smaller
+// strides) make the contiguous `inner` block; the others repeat it `outer` times.
+ChannelLayout channel_layout(const at::Tensor& t, int64_t dim) {
+  const int64_t channels = t.size(dim);
+  if (channels <= 1 || t.numel() == 0) {
+    return {1, channels, channels == 0 ? 0 : t.numel()};
+  }
+  int64_t inner = 1, outer = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d == dim || t.size(d) == 1) continue;
+    (t.stride(d) < t.stride(dim) ? inner : outer) *= t.size(d);
+  }
+  TORCH_INTERNAL_ASSERT(t.stride(dim) == inner, "easier_ext: unexpected layout for a dense tensor");
+  return {outer, channels, inner};
+}
+
+}  // namespace
+
+RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double negative_slope,
+                         const std::optional<at::Tensor>& weight, int64_t channel_dim) {
+  const Activation a = parse_activation(activation);
+  check_input(input);
+  const int64_t dim = check_channel_dim(input, channel_dim);
+  auto w = check_weight(a, input, weight, input.size(dim));
+
+  // empty_like keeps a dense input's strides (contiguous, channels_last, permuted); a strided
+  // view gets a dense layout, and is copied into it once so the kernels see plain blocks.
+  at::Tensor output = at::empty_like(input);
+  at::Tensor dense = input;
+  if (!input.is_non_overlapping_and_dense()) {
+    dense = at::empty_like(input);
+    dense.copy_(input);
+  }
+  TORCH_INTERNAL_ASSERT(dense.strides() == output.strides());
+  return {a, negative_slope, std::move(w), dense, output, channel_layout(dense, dim)};
+}
+
+}  // namespace easier_ext

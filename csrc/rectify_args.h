@@ -1,0 +1,50 @@
+#pragma once
+// Turns the arguments of easier_ext::rectify_count into what a backend kernel needs, with the
+// checks shared by every backend. Nothing here touches the data, so a bad call fails before any
+// output or count is written.
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string_view>
+
+namespace easier_ext {
+
+enum class Activation { ReLU, ReLU6, LeakyReLU, PReLU, GELU, GELUTanh, SiLU };
+
+// The dense input seen as `outer` blocks of `channels` blocks of `inner` contiguous elements.
+// inner == 1 is a channels-last / Linear-shaped tensor; inner > 1 is NCHW-like.
+struct ChannelLayout {
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+};
+
+struct RectifyPlan {
+  Activation activation;
+  double negative_slope;               // leaky_relu only
+  std::optional<at::Tensor> weight;    // prelu only: contiguous, 1 or `channels` values
+  at::Tensor input;                    // non-overlapping and dense (a copy if the caller's was not)
+  at::Tensor output;                   // same sizes and strides as `input`
+  ChannelLayout layout;
+};
+
+RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double negative_slope,
+                         const std::optional<at::Tensor>& weight, int64_t channel_dim);
+
+// Calls `f(std::integral_constant<Activation, A>{})` with the activation as a compile-time value.
+template <typename F>
+decltype(auto) dispatch_activation(Activation a, F&& f) {
+  using A = Activation;
+  switch (a) {
+    case A::ReLU: return f(std::integral_constant<A, A::ReLU>{});
+    case A::ReLU6: return f(std::integral_constant<A, A::ReLU6>{});
+    case A::LeakyReLU: return f(std::integral_constant<A, A::LeakyReLU>{});
+    case A::PReLU: return f(std::integral_constant<A, A::PReLU>{});
+    case A::GELU: return f(std::integral_constant<A, A::GELU>{});
+    case A::GELUTanh: return f(std::integral_constant<A, A::GELUTanh>{});
+    case A::SiLU: return f(std::integral_constant<A, A::SiLU>{});
+  }
+  TORCH_CHECK(false, "easier_ext: unhandled activation");
+}
+
+}  // namespace easier_ext

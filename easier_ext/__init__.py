@@ -1,0 +1,36 @@
+"""easier_ext: entropy-guided depth reduction for PyTorch models.
+
+Fused C++/CUDA kernels apply a rectifier and count each neuron's ON states in the same pass
+(:func:`easier_ext.ops.rectify_count`); drop-in modules (:class:`EntropyReLU` and relatives) keep
+the counts; :func:`binary_entropy` and :func:`layer_entropy` turn counts into entropies.
+"""
+
+from easier_ext._extension import build_info
+from easier_ext import ops
+from easier_ext.entropy import AGGREGATES, binary_entropy, layer_entropy
+from easier_ext.modules import (
+    EntropyActivation,
+    EntropyGELU,
+    EntropyLeakyReLU,
+    EntropyPReLU,
+    EntropyReLU,
+    EntropyReLU6,
+    EntropySiLU,
+)
+
+__version__ = build_info()["version"]
+
+__all__ = [
+    "AGGREGATES",
+    "EntropyActivation",
+    "EntropyGELU",
+    "EntropyLeakyReLU",
+    "EntropyPReLU",
+    "EntropyReLU",
+    "EntropyReLU6",
+    "EntropySiLU",
+    "binary_entropy",
+    "build_info",
+    "layer_entropy",
+    "ops",
+]

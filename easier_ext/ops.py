@@ -1,0 +1,122 @@
+"""The easier_ext torch ops: typed Python wrappers, fake kernels and autograd formulas.
+
+The kernels themselves are C++/CUDA (``csrc/``); this module makes them work with autograd,
+``torch.compile(fullgraph=True)`` and ``torch.export``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from easier_ext import _extension  # noqa: F401  (loads the library that defines the ops)
+
+__all__ = ["ACTIVATIONS", "rectify_count"]
+
+#: Activation names accepted by :func:`rectify_count`.
+ACTIVATIONS = ("relu", "relu6", "leaky_relu", "prelu", "gelu", "gelu_tanh", "silu")
+
+
+def rectify_count(
+    input: Tensor,
+    activation: str = "relu",
+    *,
+    negative_slope: float = 0.01,
+    weight: Optional[Tensor] = None,
+    channel_dim: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Applies a rectifier and counts each channel's ON elements in the same pass.
+
+    An element is ON when its pre-activation is ``> 0`` (the rectifier's open region; ``0``, ``-0.0``
+    and NaN are OFF). The EASIER reference code counts ``>= 0`` instead; the two differ only on
+    exact zeros.
+
+    Args:
+        input: floating-point tensor (float32, float64, float16, bfloat16), any layout.
+        activation: one of :data:`ACTIVATIONS`. ``"gelu"`` is the exact GELU and ``"gelu_tanh"``
+            its tanh approximation.
+        negative_slope: slope for ``x <= 0`` of ``"leaky_relu"``; ignored otherwise.
+        weight: ``"prelu"``'s learnable slope, one value or one per channel, same dtype and device
+            as ``input``; must be ``None`` for the other activations.
+        channel_dim: the dim whose indices are the neurons (1 for ``(N, C, ...)`` conv outputs,
+            ``-1`` for ``(..., C)`` Linear outputs). Counts run over every other dim.
+
+    Returns:
+        ``(output, on_counts)``: the activation's output, equal to torch's functional, with the
+        same sizes and memory format as ``input``; and an int64 tensor of shape ``(C,)`` with
+        each channel's number of ON elements. Each channel was observed
+        ``input.numel() // C`` times.
+    """
+    return torch.ops.easier_ext.rectify_count.default(input, activation, negative_slope, weight, channel_dim)
+
+
+@torch.library.register_fake("easier_ext::rectify_count")
+def _rectify_count_fake(input, activation, negative_slope, weight, channel_dim):
+    torch._check(input.dim() >= 1, lambda: "easier_ext.rectify_count: expected an input with at least 1 dimension")
+    torch._check_index(
+        -input.dim() <= channel_dim < input.dim(),
+        lambda: f"easier_ext.rectify_count: channel_dim {channel_dim} is out of range for a {input.dim()}-d input",
+    )
+    channels = input.shape[channel_dim]
+    return torch.empty_like(input), input.new_empty((channels,), dtype=torch.int64)
+
+
+def _weight_view(weight: Tensor, input: Tensor, channel_dim: int) -> Tensor:
+    """prelu's weight shaped to broadcast along ``channel_dim`` of ``input``."""
+    if weight.numel() == 1:
+        return weight.reshape(())
+    shape = [1] * input.dim()
+    shape[channel_dim] = weight.numel()
+    return weight.reshape(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    input, activation, negative_slope, weight, channel_dim = inputs
+    out, _ = output
+    ctx.activation = activation
+    ctx.negative_slope = negative_slope
+    ctx.channel_dim = channel_dim
+    # Keep what torch keeps for the same activation: relu's output (which the next layer holds
+    # anyway), the input for the others.
+    ctx.save_for_backward(out if activation == "relu" else input, weight)
+
+
+def _backward(ctx, grad_out, _grad_counts):
+    saved, weight = ctx.saved_tensors
+    aten = torch.ops.aten
+    act = ctx.activation
+    grad_weight = None
+    # torch's own backward kernels, so gradients equal torch's and can be differentiated again.
+    if act == "relu":
+        grad_input = aten.threshold_backward(grad_out, saved, 0)
+    elif act == "relu6":
+        grad_input = aten.hardtanh_backward(grad_out, saved, 0.0, 6.0)
+    elif act == "leaky_relu":
+        grad_input = aten.leaky_relu_backward(grad_out, saved, ctx.negative_slope, False)
+    elif act == "gelu":
+        grad_input = aten.gelu_backward(grad_out, saved, approximate="none")
+    elif act == "gelu_tanh":
+        grad_input = aten.gelu_backward(grad_out, saved, approximate="tanh")
+    elif act == "silu":
+        # As torch does: aten's kernel has no derivative, so a double backward uses the formula.
+        if torch.is_grad_enabled():
+            sig = torch.sigmoid(saved)
+            grad_input = grad_out * sig * (1.0 + saved * (1.0 - sig))
+        else:
+            grad_input = aten.silu_backward(grad_out, saved)
+    else:  # prelu: dL/dx = g (x > 0) or w g; dL/dw = sum over non-channel dims of g x (x <= 0)
+        dim = ctx.channel_dim % saved.dim()
+        w = _weight_view(weight, saved, dim)
+        grad_input = torch.where(saved > 0, grad_out, w * grad_out)
+        grad_w = torch.where(saved > 0, torch.zeros_like(saved), saved * grad_out)
+        if weight.numel() == 1:
+            grad_weight = grad_w.sum().reshape(weight.shape)
+        else:
+            other = [d for d in range(saved.dim()) if d != dim]
+            grad_weight = grad_w.sum(dim=other).reshape(weight.shape)
+    return grad_input, None, None, grad_weight, None
+
+
+torch.library.register_autograd("easier_ext::rectify_count", _backward, setup_context=_setup_context)

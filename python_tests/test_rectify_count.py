@@ -1,0 +1,222 @@
+"""easier_ext::rectify_count against torch's functionals and a NumPy count."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from testing import (
+    ACTIVATIONS,
+    DEVICES,
+    DTYPES,
+    OP,
+    PIECEWISE_LINEAR,
+    assert_bit_exact,
+    assert_within_rounding,
+    bits,
+    has_kernel,
+    make_input,
+    make_weight,
+    reference_activation,
+    reference_counts,
+)
+
+# (shape, channel_dim, layout): NCHW and channels_last convs, Linear-shaped and (..., C) tensors,
+# odd sizes whose rows/planes are not a multiple of any vector width, and sizes big enough to
+# run on several threads.
+CASES = [
+    ((3, 5, 7, 9), 1, "contiguous"),
+    ((3, 5, 7, 9), 1, "channels_last"),
+    ((3, 5, 7, 9), 1, "strided"),
+    ((3, 5, 7, 9), 1, "permuted"),
+    ((2, 6, 3, 4, 5), 1, "channels_last"),
+    ((4, 16, 40, 40), 1, "contiguous"),
+    ((4, 16, 40, 40), 1, "channels_last"),
+    ((7, 33), 1, "contiguous"),
+    ((7, 33), -1, "strided"),
+    ((2000, 37), -1, "contiguous"),
+    ((2, 3, 5, 37), -1, "contiguous"),
+    ((2, 3, 5, 37), 2, "contiguous"),
+    ((5, 1, 11), 1, "contiguous"),
+    ((129,), 0, "contiguous"),
+    ((64, 3), 0, "contiguous"),
+]
+
+
+def sample_inputs(device, dtype, activation, special=True):
+    """(args, case id) for every case, with a per-channel and a shared prelu weight."""
+    for shape, dim, layout in CASES:
+        x = make_input(shape, dtype, device, layout, special=special)
+        for per_channel in ([True, False] if activation == "prelu" else [True]):
+            w = make_weight(activation, shape[dim], dtype, device, per_channel)
+            yield (x, activation, 0.2, w, dim), f"{shape}-{dim}-{layout}-{'w' if per_channel else 'w1'}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_matches_torch_and_numpy(device, dtype, activation):
+    for (x, act, slope, w, dim), case in sample_inputs(device, dtype, activation):
+        y, counts = OP(x, act, slope, w, dim)
+        ref = reference_activation(x, act, slope, w, dim)
+        assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device, case
+        assert y.stride() == torch.empty_like(x).stride(), case
+        if act in PIECEWISE_LINEAR:
+            assert_bit_exact(y, ref, case)
+        else:
+            assert_within_rounding(y, ref, x, case)
+        assert counts.dtype == torch.int64 and counts.device == x.device, case
+        np.testing.assert_array_equal(counts.cpu().numpy(), reference_counts(x, dim), err_msg=case)
+        assert x.data_ptr() != y.data_ptr(), case
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_is_not_modified(device):
+    x = make_input((4, 6, 5, 5), torch.float32, device)
+    before = x.clone()
+    OP(x, "relu", 0.0, None, 1)
+    assert torch.equal(bits(x), bits(before))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_empty_inputs(device, activation):
+    for shape, dim in [((0, 4, 3, 3), 1), ((2, 0, 3), 1), ((5, 0), -1), ((0,), 0)]:
+        x = torch.empty(shape, device=device)
+        w = make_weight(activation, max(shape[dim], 1), torch.float32, device, per_channel=shape[dim] > 0)
+        y, counts = OP(x, activation, 0.1, w, dim)
+        assert y.shape == x.shape
+        assert counts.shape == (shape[dim],) and counts.sum().item() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_counts_as_off_and_zero_as_off(device):
+    x = torch.tensor([[float("nan"), 0.0, -0.0, 1e-30, -1e-30, float("inf")]], device=device).T.contiguous()
+    y, counts = OP(x, "relu", 0.0, None, 1)
+    assert counts.tolist() == [2]  # 1e-30 and inf
+    assert torch.isnan(y[0, 0])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cuda_matches_cpu_exactly(activation):
+    if not (has_kernel("cuda") and torch.cuda.is_available()):
+        pytest.skip("needs a CUDA GPU and the CUDA kernels")
+    for dtype in DTYPES:
+        for (x, act, slope, w, dim), case in sample_inputs("cpu", dtype, activation):
+            y_cpu, c_cpu = OP(x, act, slope, w, dim)
+            y_gpu, c_gpu = OP(x.cuda(), act, slope, None if w is None else w.cuda(), dim)
+            assert torch.equal(c_gpu.cpu(), c_cpu), case
+            if act in PIECEWISE_LINEAR:
+                assert_bit_exact(y_gpu.cpu(), y_cpu, case)
+            else:
+                assert_within_rounding(y_gpu.cpu(), y_cpu, x, case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradients_match_torch(device, activation):
+    for shape, dim in [((3, 4, 5, 5), 1), ((6, 7), -1), ((2, 3, 4, 6), -1)]:
+        x = make_input(shape, torch.float32, device, special=False).requires_grad_()
+        w = make_weight(activation, shape[dim], torch.float32, device)
+        if w is not None:
+            w.requires_grad_()
+        g = torch.randn(shape, device=device)
+        y, _ = OP(x, activation, 0.2, w, dim)
+        grads = torch.autograd.grad(y, [x] + ([w] if w is not None else []), g)
+        xr = x.detach().clone().requires_grad_()
+        wr = None if w is None else w.detach().clone().requires_grad_()
+        yr = reference_activation(xr, activation, 0.2, wr, dim)
+        ref = torch.autograd.grad(yr, [xr] + ([wr] if wr is not None else []), g)
+        torch.testing.assert_close(grads[0], ref[0], rtol=0, atol=0)
+        if w is not None:
+            torch.testing.assert_close(grads[1], ref[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_float64(activation):
+    for shape, dim in [((2, 3, 4, 5), 1), ((4, 6), -1)]:
+        x = make_input(shape, torch.float64, "cpu", special=False).requires_grad_()
+        w = make_weight(activation, shape[dim], torch.float64, "cpu")
+        inputs = (x,) if w is None else (x, w.requires_grad_())
+
+        def f(x, w=None):
+            return OP(x, activation, 0.2, w, dim)[0]
+
+        assert torch.autograd.gradcheck(f, inputs)
+        assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_size_gradient(device):
+    x = torch.empty(0, 3, 4, device=device, dtype=torch.float64, requires_grad=True)
+    y, _ = OP(x, "silu", 0.0, None, 1)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert g.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_opcheck(device, activation):
+    # opcheck compares outputs without equal_nan, so no NaN in these samples.
+    samples = sample_inputs(device, torch.float32, activation, special=False)
+    for (x, act, slope, w, dim), case in itertools.islice(samples, 0, 12, 3):
+        x = x.detach().requires_grad_()
+        torch.library.opcheck(OP, (x, act, slope, w, dim))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    def f(x, w):
+        y, c = OP(x, "prelu", 0.0, w, 1)
+        z, c2 = OP(y * 2 - 1, "relu", 0.0, None, 1)
+        return z.sum(), c + c2
+
+    x = make_input((2, 4, 6, 6), torch.float32, "cpu", special=False)
+    w = make_weight("prelu", 4, torch.float32, "cpu")
+    compiled = torch.compile(f, fullgraph=True)
+    out, counts = compiled(x, w)
+    ref_out, ref_counts = f(x, w)
+    torch.testing.assert_close(out, ref_out)
+    assert torch.equal(counts, ref_counts)
+
+
+def test_torch_export():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return OP(x, "gelu", 0.0, None, -1)
+
+    x = make_input((3, 5, 8), torch.float32, "cpu", special=False)
+    ep = torch.export.export(M(), (x,))
+    y, c = ep.module()(x)
+    ry, rc = M()(x)
+    assert torch.equal(y, ry) and torch.equal(c, rc)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_give_clear_errors(device):
+    x = torch.randn(2, 3, 4, device=device)
+    cases = [
+        ((torch.ones(2, 3, dtype=torch.int64, device=device), "relu", 0.0, None, 1), TypeError, "floating-point input"),
+        ((torch.ones(2, 3, dtype=torch.bool, device=device), "relu", 0.0, None, 1), TypeError, "got Bool"),
+        ((torch.tensor(1.0, device=device), "relu", 0.0, None, 0), ValueError, "at least 1 dimension"),
+        ((x, "relu", 0.0, None, 3), IndexError, r"channel_dim 3 is out of range .* \[-3, 2\]"),
+        ((x, "relu", 0.0, None, -4), IndexError, "channel_dim -4 is out of range"),
+        ((x, "tanh", 0.0, None, 1), ValueError, "unknown activation 'tanh'; expected one of relu"),
+        ((x, "prelu", 0.0, None, 1), ValueError, "needs a weight tensor of 1 or 3 values"),
+        ((x, "prelu", 0.0, torch.ones(4, device=device), 1), ValueError, r"shape \[4\] does not match .*3 along"),
+        ((x, "prelu", 0.0, torch.ones(3, 1, device=device), 1), ValueError, "does not match"),
+        ((x, "prelu", 0.0, torch.ones(3, dtype=torch.float64, device=device), 1), TypeError, "same dtype"),
+        ((x, "relu", 0.0, torch.ones(3, device=device), 1), ValueError, "only used by 'prelu'"),
+    ]
+    for args, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            OP(*args)
+
+
+def test_weight_on_another_device_is_an_error():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    with pytest.raises(RuntimeError, match="expected the same device"):
+        OP(torch.randn(2, 3, device="cuda"), "prelu", 0.0, torch.ones(3), 1)
