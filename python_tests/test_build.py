@@ -1,0 +1,46 @@
+"""What was built, and every compiled CPU kernel variant (not only the one this CPU picks)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import easier_ext
+
+INFO = easier_ext.build_info()
+ORDER = ["DEFAULT", "AVX2", "AVX512"]
+
+
+def test_build_info():
+    assert INFO["version"] == easier_ext.__version__
+    assert INFO["torch_version"] == torch.__version__, "built against another torch than the one running"
+    assert INFO["cpu_capability"] in INFO["cpu_capabilities"]
+    assert INFO["cpu_parallel"] == "OpenMP"
+    if INFO["cuda_kernels"]:
+        assert INFO["cuda_archs"] and INFO["cuda_version"] == torch.version.cuda
+
+
+def _machine_supports(cap: str) -> bool:
+    best = torch.backends.cpu.get_cpu_capability()
+    best = next((c for c in reversed(ORDER) if best.startswith(c)), "DEFAULT")
+    return ORDER.index(cap) <= ORDER.index(best)
+
+
+@pytest.mark.parametrize("capability", ORDER)
+def test_each_cpu_kernel_variant_matches_torch(capability):
+    if capability not in INFO["cpu_capabilities"]:
+        pytest.skip(f"the {capability} kernel is not built for this processor")
+    if not _machine_supports(capability):
+        pytest.skip(f"this CPU cannot run {capability} code")
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
+    check = f"import easier_ext; assert easier_ext.build_info()['cpu_capability'] == '{capability}'"
+    subprocess.run([sys.executable, "-c", check], env=env, cwd=here, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_rectify_count.py"),
+         "-k", "matches_torch_and_numpy and cpu"],
+        env=env, cwd=here, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
