@@ -1,0 +1,205 @@
+"""Entropy-tracking overhead of the fused kernels, against torch's activation alone, the hook-based
+way research code measures it, and torch.compile of activation + counting.
+
+Prints a Markdown table (time per call, ratios measured in this run, peak extra memory).
+Run: python benchmarks/bench_overhead.py [--activations relu gelu ...] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import easier_ext
+from easier_ext import ops
+
+SHAPES = {
+    "(64,64,32,32) NCHW": ((64, 64, 32, 32), 1, torch.contiguous_format),
+    "(64,64,32,32) channels_last": ((64, 64, 32, 32), 1, torch.channels_last),
+    "(4096,3072) Linear": ((4096, 3072), -1, torch.contiguous_format),
+}
+
+TORCH_FN = {
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "prelu": None,  # needs the weight: built per shape
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+def torch_activation(name, channels, channel_dim, device):
+    """torch's own activation for the case, and the matching rectify_count keyword arguments."""
+    if name == "prelu":
+        # nn.PReLU puts per-channel slopes on dim 1; (N, C) rows with C last get one shared slope.
+        w = torch.full((channels if channel_dim == 1 else 1,), 0.25, device=device)
+        return (lambda x: F.prelu(x, w)), {"weight": w}
+    return TORCH_FN[name], ({"negative_slope": 0.01} if name == "leaky_relu" else {})
+
+
+def hook_based(activation_fn, channel_dim):
+    """What the EASIER reference code does: a forward hook on the activation module keeps its input
+    and counts z >= 0 per channel for each batch, then syncs with .item() for the batch's entropy."""
+
+    class Act(torch.nn.Module):
+        def forward(self, x):
+            return activation_fn(x)
+
+    state = {"counts": None, "kept": None, "entropies": []}
+
+    def hook(module, inputs, output):
+        z = inputs[0]
+        state["kept"] = z  # the reference keeps the pre-activation (and forces inplace=False)
+        d = channel_dim % z.dim()
+        dims = [i for i in range(z.dim()) if i != d]
+        counts = (z >= 0).sum(dim=dims)
+        state["counts"] = counts if state["counts"] is None else state["counts"] + counts
+        p = counts.double() / (z.numel() // z.shape[d])
+        h = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)) / math.log(2)
+        state["entropies"].append(h.mean().item())
+
+    m = Act()
+    m.register_forward_hook(hook)
+    return m
+
+
+def compiled_count(activation_fn, channel_dim):
+    def f(x):
+        d = channel_dim % x.dim()
+        dims = [i for i in range(x.dim()) if i != d]
+        return activation_fn(x), (x > 0).sum(dim=dims)
+
+    torch._dynamo.reset()  # a fresh compile per case, not a recompile of the last one
+    return torch.compile(f, fullgraph=True)
+
+
+def time_calls(variants, x, device, min_run_time):
+    """Median seconds per call of each variant, measured round-robin (one call of each per round)
+    so that every variant sees the same machine state: allocator, caches, other load."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for fn in variants.values():
+        fn(x)  # warm up (and compile)
+    samples = {k: [] for k in variants}
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_run_time * len(variants) or len(samples[next(iter(variants))]) < 10:
+        for k, fn in variants.items():
+            sync()
+            t0 = time.perf_counter()
+            fn(x)
+            sync()
+            samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def peak_extra_bytes(fn, x, device):
+    """Peak memory the call allocates beyond its output tensor(s), from the allocator's own
+    records (CUDA caching allocator stats; on the CPU, the profiler's allocation events)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn(x)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn(x)
+        live = peak = 0
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            peak = max(peak, live)
+    outs = out if isinstance(out, tuple) else (out,)
+    out_bytes = sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor))
+    return max(0, peak - out_bytes)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """The profiler's C++ side logs start/stop lines to fd 2; keep them out of the table."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def fmt_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def machine(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--activations", nargs="+", default=list(TORCH_FN), choices=list(TORCH_FN))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per variant and case")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    args = p.parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU is available")
+
+    info = easier_ext.build_info()
+    print(f"easier_ext {info['version']} (CPU kernel {info['cpu_capability']}, CUDA kernels: {info['cuda_kernels']}), "
+          f"torch {torch.__version__}, {machine(device)}\n")
+    print("| activation | shape | torch alone | fused + tracking | hook-based | compile (act + count) "
+          "| fused / torch | hook / fused | extra mem fused | extra mem hook | extra mem compile |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.activations:
+        for label, (shape, dim, fmt) in SHAPES.items():
+            x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+            channels = shape[dim]
+            plain, op_args = torch_activation(name, channels, dim, device)
+            op_name = name
+
+            def fused(x, op_name=op_name, op_args=op_args, dim=dim):
+                return ops.rectify_count(x, op_name, channel_dim=dim, **op_args)
+
+            hook = hook_based(plain, dim)
+            variants = {"torch": plain, "fused": fused, "hook": hook}
+            if not args.no_compile:
+                variants["compile"] = compiled_count(plain, dim)
+            times = time_calls(variants, x, device, args.min_run_time)
+            mem = {k: peak_extra_bytes(fn, x, device) for k, fn in variants.items()}
+            hook._forward_hooks.clear()
+            ms = lambda k: f"{times[k] * 1e3:.3f} ms" if k in times else "-"
+            mb = lambda k: fmt_bytes(mem[k]) if k in mem else "-"
+            print(f"| {name} | {label} | {ms('torch')} | {ms('fused')} | {ms('hook')} | {ms('compile')} "
+                  f"| {times['fused'] / times['torch']:.2f}x | {times['hook'] / times['fused']:.1f}x "
+                  f"| {mb('fused')} | {mb('hook')} | {mb('compile')} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
