@@ -1,6 +1,7 @@
 """What was built, and every compiled CPU kernel variant (not only the one this CPU picks)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,18 @@ def test_build_info():
     assert INFO["cpu_parallel"] == "OpenMP"
     if INFO["cuda_kernels"]:
         assert INFO["cuda_archs"] and INFO["cuda_version"] == torch.version.cuda
+
+
+def test_cuda_kernels_built_where_they_can_be():
+    """nvcc present + a CUDA build of torch => the CUDA kernels must have been compiled."""
+    if os.environ.get("EASIER_EXT_FORCE_CPU"):
+        pytest.skip("EASIER_EXT_FORCE_CPU is set")
+    if shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"):
+        pytest.skip("no CUDA compiler on this machine")
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU-only build")
+    assert INFO["cuda_kernels"], "nvcc and a CUDA torch are here, but the CUDA kernels were not built"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("easier_ext::rectify_count", "CUDA")
 
 
 def _machine_supports(cap: str) -> bool:
