@@ -13,6 +13,7 @@ import gc
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -86,15 +87,21 @@ def compiled_count(activation_fn, channel_dim):
 
 
 def time_calls(variants, x, device, min_run_time):
-    """Median seconds per call of each variant, measured round-robin (one call of each per round)
-    so that every variant sees the same machine state: allocator, caches, other load."""
+    """Median seconds per call of each variant, measured in rounds of one call of each, in a
+    shuffled order, so that every variant sees the same machine state (other load, and the
+    allocator state the previous call leaves, which decides whether a large output is fresh,
+    page-faulting memory or reused memory)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for fn in variants.values():
         fn(x)  # warm up (and compile)
     samples = {k: [] for k in variants}
+    order = list(variants)
+    rng = random.Random(0)
     start = time.perf_counter()
-    while time.perf_counter() - start < min_run_time * len(variants) or len(samples[next(iter(variants))]) < 10:
-        for k, fn in variants.items():
+    while time.perf_counter() - start < min_run_time * len(variants) or len(samples[order[0]]) < 10:
+        rng.shuffle(order)
+        for k in order:
+            fn = variants[k]
             sync()
             t0 = time.perf_counter()
             fn(x)
