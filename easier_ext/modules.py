@@ -88,7 +88,13 @@ class EntropyActivation(nn.Module):
         return out
 
     def _accumulate(self, input: Tensor, counts: Tensor) -> None:
+        # Every check comes before the first write, so a refused call leaves the counts as they were.
         channels = counts.shape[0]
+        if self.observations.device != counts.device:
+            raise RuntimeError(
+                f"{type(self).__name__}'s counts are on {self.observations.device} but its input is on "
+                f"{counts.device}; move the module with .to({str(counts.device)!r})"
+            )
         if self.on_counts.shape[0] != channels:
             if self.on_counts.numel() != 0:
                 raise ValueError(
@@ -97,11 +103,6 @@ class EntropyActivation(nn.Module):
                     "call reset_stats() before measuring differently shaped inputs"
                 )
             self.on_counts = torch.zeros_like(counts)  # sized on first use
-        if self.on_counts.device != counts.device:
-            raise RuntimeError(
-                f"{type(self).__name__}'s counts are on {self.on_counts.device} but its input is on "
-                f"{counts.device}; move the module with .to({str(counts.device)!r})"
-            )
         self.on_counts.add_(counts)
         self.observations.add_(input.numel() // channels if channels else 0)
 

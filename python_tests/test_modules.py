@@ -153,8 +153,12 @@ def test_torch_compile_fullgraph():
 def test_bad_input():
     m = ee.EntropyReLU()
     m(torch.randn(2, 4))
+    counts, observations = m.on_counts.clone(), m.observations.clone()
     with pytest.raises(ValueError, match=r"has counted 4 neurons along dim 1, but got an input of shape \(2, 5\)"):
         m(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="floating-point input"):
+        m(torch.ones(2, 4, dtype=torch.int64))
+    assert torch.equal(m.on_counts, counts) and torch.equal(m.observations, observations)  # untouched
     with pytest.raises(TypeError, match="expected one of nn.ReLU"):
         ee.EntropyActivation.from_module(nn.Tanh())
     with pytest.raises(TypeError, match="EntropyReLU.from_module expects nn.ReLU, got GELU"):
