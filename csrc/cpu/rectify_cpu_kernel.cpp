@@ -149,26 +149,39 @@ void rows_kernel(const RectifyPlan& plan, int64_t* partial) {
       for (const auto c : c10::irange(channels)) mine[c] += acc[c];
       std::fill(acc.begin(), acc.end(), C(0));
     };
-    for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* x = in + row * channels;
-      scalar_t* y = out + row * channels;
-      for (int64_t c = 0; c < channels; c += step) {
-        const int64_t n = std::min(step, channels - c);
-        auto v = load(x + c, n);
-        for (int p = 0; p < kParts<scalar_t>; ++p) {
-          C* a = acc.data() + c + p * lanes;
-          add_on(Vectorized<C>::loadu(a), v[p]).store(a);
-          Vectorized<opmath> slope(opmath(0));
-          if constexpr (A == Activation::LeakyReLU || A == Activation::PReLU) {
-            slope = Vectorized<opmath>::loadu(slopes.data() + c + p * lanes);
-          }
-          v[p] = activate<A>(v[p], slope);
+    // One step of channels [c, c + n) at x / y.
+    auto one_step = [&](const scalar_t* x, scalar_t* y, int64_t c, int64_t n) {
+      auto v = load(x, n);
+      for (int p = 0; p < kParts<scalar_t>; ++p) {
+        C* a = acc.data() + c + p * lanes;
+        add_on(Vectorized<C>::loadu(a), v[p]).store(a);
+        Vectorized<opmath> slope(opmath(0));
+        if constexpr (A == Activation::LeakyReLU || A == Activation::PReLU) {
+          slope = Vectorized<opmath>::loadu(slopes.data() + c + p * lanes);
         }
-        store(y + c, n, v);
+        v[p] = activate<A>(v[p], slope);
       }
-      if ((row - begin + 1) % kFlushSteps == 0) flush();
+      store(y, n, v);
+    };
+    for (int64_t row0 = begin; row0 < end; row0 += kFlushSteps) {
+      const int64_t row1 = std::min(end, row0 + kFlushSteps);
+      if (channels % step == 0) {
+        // Whole steps per row: walk the rows as one flat run, the channel wrapping around.
+        const int64_t first = row0 * channels, last = row1 * channels;
+        for (int64_t i = first, c = 0; i < last; i += step) {
+          one_step(in + i, out + i, c, step);
+          c += step;
+          if (c == channels) c = 0;
+        }
+      } else {
+        for (int64_t row = row0; row < row1; ++row) {
+          for (int64_t c = 0; c < channels; c += step) {
+            one_step(in + row * channels + c, out + row * channels + c, c, std::min(step, channels - c));
+          }
+        }
+      }
+      flush();  // at most kFlushSteps rows per lane counter since the last merge
     }
-    flush();
   });
 }
 
