@@ -6,7 +6,6 @@ ON counts kept as buffers while ``track`` is on.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -91,12 +91,6 @@ def assert_bit_exact(actual: torch.Tensor, expected: torch.Tensor, msg: str = ""
     assert torch.equal(a[~nan.contiguous()], e[~nan.contiguous()]), f"{msg}: not bit-exact"
 
 
-def tolerance(dtype: torch.dtype) -> dict:
-    """Rounding of one result in `dtype` (a couple of ulps)."""
-    eps = torch.finfo(dtype).eps
-    return {"rtol": 2 * eps, "atol": 2 * eps}
-
-
 def assert_within_rounding(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, msg: str = "") -> None:
     """For the smooth activations (gelu, silu): a couple of ulps of the result, plus the rounding
     that 1 + erf(x) (or 1 + exp(-x)) suffers for negative x, which scales with |x|. GELU(+inf) is
