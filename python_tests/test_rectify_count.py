@@ -33,6 +33,8 @@ CASES = [
     ((2, 6, 3, 4, 5), 1, "channels_last"),
     ((4, 16, 40, 40), 1, "contiguous"),
     ((4, 16, 40, 40), 1, "channels_last"),
+    ((300, 64), -1, "contiguous"),  # rows of 1, 2, 4 or 8 whole vectors, depending on dtype and ISA
+    ((2, 64, 3, 5), 1, "channels_last"),
     ((7, 33), 1, "contiguous"),
     ((7, 33), -1, "strided"),
     ((2000, 37), -1, "contiguous"),

@@ -128,6 +128,42 @@ std::vector<opmath_t<scalar_t>> channel_slopes(const RectifyPlan& plan, int64_t 
   return slopes;
 }
 
+// Rows of exactly NV whole steps (e.g. 64 float channels with AVX512): one row per iteration,
+// with every lane counter and slope held in registers for the whole run of rows.
+template <int NV, typename scalar_t, Activation A>
+void narrow_rows(const scalar_t* in, scalar_t* out, int64_t rows, const opmath_t<scalar_t>* slopes, int64_t* mine) {
+  using opmath = opmath_t<scalar_t>;
+  using C = count_t<scalar_t>;
+  constexpr int64_t step = kStep<scalar_t>;
+  constexpr int64_t lanes = kPartLanes<scalar_t>;
+  constexpr int K = NV * kParts<scalar_t>;
+  std::array<Vectorized<C>, K> count;
+  std::array<Vectorized<opmath>, K> slope;
+  for (int k = 0; k < K; ++k) {
+    count[k] = Vectorized<C>(C(0));
+    slope[k] = Vectorized<opmath>(opmath(0));
+    if constexpr (A == Activation::LeakyReLU || A == Activation::PReLU) {
+      slope[k] = Vectorized<opmath>::loadu(slopes + k * lanes);
+    }
+  }
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int j = 0; j < NV; ++j) {
+      const int64_t off = (row * NV + j) * step;
+      auto v = load(in + off, step);
+      for (int p = 0; p < kParts<scalar_t>; ++p) {
+        count[j * kParts<scalar_t> + p] = add_on(count[j * kParts<scalar_t> + p], v[p]);
+        v[p] = activate<A>(v[p], slope[j * kParts<scalar_t> + p]);
+      }
+      store(out + off, step, v);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    std::array<C, Vectorized<C>::size()> lane;
+    count[k].store(lane.data());
+    for (int64_t l = 0; l < lanes; ++l) mine[k * lanes + l] += lane[l];
+  }
+}
+
 // inner == 1: `outer` rows of `channels` contiguous values (channels_last convs, Linear outputs).
 // Vector lanes run along channels, so each lane keeps counting its own channel across rows.
 template <typename scalar_t, Activation A>
@@ -165,7 +201,16 @@ void rows_kernel(const RectifyPlan& plan, int64_t* partial) {
     };
     for (int64_t row0 = begin; row0 < end; row0 += kFlushSteps) {
       const int64_t row1 = std::min(end, row0 + kFlushSteps);
-      if (channels % step == 0) {
+      const int64_t nv = channels % step == 0 ? channels / step : 0;
+      if (nv == 1 || nv == 2 || nv == 4) {
+        auto run = [&](auto NV) {
+          narrow_rows<decltype(NV)::value, scalar_t, A>(in + row0 * channels, out + row0 * channels, row1 - row0,
+                                                       slopes.data(), mine);
+        };
+        if (nv == 1) run(std::integral_constant<int, 1>{});
+        if (nv == 2) run(std::integral_constant<int, 2>{});
+        if (nv == 4) run(std::integral_constant<int, 4>{});
+      } else if (nv > 0) {
         // Whole steps per row: walk the rows as one flat run, the channel wrapping around.
         const int64_t first = row0 * channels, last = row1 * channels;
         for (int64_t i = first, c = 0; i < last; i += step) {
