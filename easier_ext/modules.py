@@ -6,7 +6,6 @@ ON counts kept as buffers while ``track`` is on.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -97,6 +97,16 @@ Vectorized<T> activate(const Vectorized<T>& x, const Vectorized<T>& slope) {
   }
 }
 
+// The per-lane slopes at `p` for the activations that have one, zero (unused) for the others.
+template <Activation A, typename T>
+Vectorized<T> load_slope(const T* p) {
+  if constexpr (A == Activation::LeakyReLU || A == Activation::PReLU) {
+    return Vectorized<T>::loadu(p);
+  } else {
+    return Vectorized<T>(T(0));
+  }
+}
+
 // ON is z > 0: NaN and -0.0 count as OFF. Subtracting the all-ones mask adds 1 per ON lane.
 template <typename T, typename C>
 Vectorized<C> add_on(const Vectorized<C>& acc, const Vectorized<T>& x) {
@@ -141,10 +151,7 @@ void narrow_rows(const scalar_t* in, scalar_t* out, int64_t rows, const opmath_t
   std::array<Vectorized<opmath>, K> slope;
   for (int k = 0; k < K; ++k) {
     count[k] = Vectorized<C>(C(0));
-    slope[k] = Vectorized<opmath>(opmath(0));
-    if constexpr (A == Activation::LeakyReLU || A == Activation::PReLU) {
-      slope[k] = Vectorized<opmath>::loadu(slopes + k * lanes);
-    }
+    slope[k] = load_slope<A>(slopes + k * lanes);
   }
   for (int64_t row = 0; row < rows; ++row) {
     for (int j = 0; j < NV; ++j) {
@@ -191,17 +198,13 @@ void rows_kernel(const RectifyPlan& plan, int64_t* partial) {
       for (int p = 0; p < kParts<scalar_t>; ++p) {
         C* a = acc.data() + c + p * lanes;
         add_on(Vectorized<C>::loadu(a), v[p]).store(a);
-        Vectorized<opmath> slope(opmath(0));
-        if constexpr (A == Activation::LeakyReLU || A == Activation::PReLU) {
-          slope = Vectorized<opmath>::loadu(slopes.data() + c + p * lanes);
-        }
-        v[p] = activate<A>(v[p], slope);
+        v[p] = activate<A>(v[p], load_slope<A>(slopes.data() + c + p * lanes));
       }
       store(y, n, v);
     };
+    const int64_t nv = channels % step == 0 ? channels / step : 0;  // whole steps per row, if any
     for (int64_t row0 = begin; row0 < end; row0 += kFlushSteps) {
       const int64_t row1 = std::min(end, row0 + kFlushSteps);
-      const int64_t nv = channels % step == 0 ? channels / step : 0;
       if (nv == 1 || nv == 2 || nv == 4) {
         auto run = [&](auto NV) {
           narrow_rows<decltype(NV)::value, scalar_t, A>(in + row0 * channels, out + row0 * channels, row1 - row0,
