@@ -8,6 +8,8 @@ the counts; :func:`binary_entropy` and :func:`layer_entropy` turn counts into en
 from easier_ext._extension import build_info
 from easier_ext import ops
 from easier_ext.entropy import AGGREGATES, binary_entropy, layer_entropy
+from easier_ext.measure import ESTIMATORS, SiteEntropy, measure_entropy
+from easier_ext.convert import UntraceableSiteError, convert, site, sites
 from easier_ext.modules import (
     EntropyActivation,
     EntropyGELU,
@@ -22,6 +24,7 @@ __version__ = build_info()["version"]
 
 __all__ = [
     "AGGREGATES",
+    "ESTIMATORS",
     "EntropyActivation",
     "EntropyGELU",
     "EntropyLeakyReLU",
@@ -30,7 +33,13 @@ __all__ = [
     "EntropyReLU6",
     "EntropySiLU",
     "binary_entropy",
+    "SiteEntropy",
+    "UntraceableSiteError",
     "build_info",
+    "convert",
     "layer_entropy",
+    "measure_entropy",
     "ops",
+    "site",
+    "sites",
 ]

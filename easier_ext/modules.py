@@ -6,6 +6,8 @@ ON counts kept as buffers while ``track`` is on.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,10 +54,12 @@ class EntropyActivation(nn.Module):
             raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
         self.channel_dim = channel_dim
         self.track = track
-        #: when True the module is the identity (the site has been linearized)
+        #: when True the site has been linearized: the module is the identity, or, with
+        #: ``linear_scale`` set, a fixed per-neuron multiplier (see :meth:`linearize`)
         self.linearized = False
         self.register_buffer("on_counts", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("observations", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("linear_scale", None)
 
     # -- what subclasses define ------------------------------------------------------------
     def _op_args(self) -> dict:
@@ -69,14 +73,29 @@ class EntropyActivation(nn.Module):
     def _from_torch(cls, module: nn.Module, **kwargs) -> "EntropyActivation":
         raise NotImplementedError
 
-    def to_torch(self) -> nn.Module:
-        """The plain torch module with the same forward (``nn.Identity`` once linearized)."""
+    def _torch_module(self) -> nn.Module:
         raise NotImplementedError
+
+    def to_torch(self) -> nn.Module:
+        """The plain torch module with the same forward (``nn.Identity`` once linearized).
+
+        Raises:
+            ValueError: for a site linearized with a per-neuron multiplier, which no single torch
+                module expresses; :func:`easier_ext.fold` folds it into the neighbouring layers.
+        """
+        if not self.linearized:
+            return self._torch_module()
+        if self.linear_scale is not None:
+            raise ValueError(
+                f"{type(self).__name__} was linearized with a per-neuron multiplier, which has no torch.nn module; "
+                "use easier_ext.fold(model, example_input) to fold it into the neighbouring layers"
+            )
+        return nn.Identity()
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, input: Tensor) -> Tensor:
         if self.linearized:
-            return input
+            return input if self.linear_scale is None else input * self._scale_view(input)
         if not self.track:
             return self._torch_forward(input)
         out, counts = ops.rectify_count(
@@ -103,6 +122,65 @@ class EntropyActivation(nn.Module):
             self.on_counts = torch.zeros_like(counts)  # sized on first use
         self.on_counts.add_(counts)
         self.observations.add_(input.numel() // channels if channels else 0)
+
+    def _scale_view(self, input: Tensor) -> Tensor:
+        shape = [1] * input.dim()
+        shape[self.channel_dim % input.dim()] = -1
+        return self.linear_scale.to(input.dtype).reshape(shape)
+
+    # -- linearization ---------------------------------------------------------------------
+    def linearize(self, scale: Optional[Tensor] = None) -> None:
+        """Makes the site linear: the identity, or a fixed per-neuron multiplier.
+
+        Args:
+            scale: ``None`` for the identity (EASIER); or a ``(C,)`` tensor multiplying each
+                neuron, e.g. :meth:`constant_scale` (NEPENTHE's exact replacement of a layer whose
+                neurons are all constant).
+        """
+        if scale is not None:
+            if not isinstance(scale, Tensor) or scale.dim() != 1 or not scale.is_floating_point():
+                raise TypeError(f"scale must be a 1-d floating-point tensor (one value per neuron) or None, got {scale!r}")
+            scale = scale.detach().clone()
+        self.linear_scale = scale
+        self.linearized = True
+
+    def constant_scale(self) -> Tensor:
+        """The per-neuron multiplier this activation equals on the data it has counted, when every
+        neuron was constant: 1 for an always-ON neuron, the OFF-side slope (0 for ReLU) for an
+        always-OFF one.
+
+        Exact for relu, leaky_relu and prelu. For relu6 the upper clamp, and for gelu/silu the
+        curvature, are dropped: there the multiplier is the piecewise-linear part of the function.
+
+        Returns:
+            float tensor of shape ``(C,)``.
+
+        Raises:
+            ValueError: when nothing was counted, or when some neuron was neither always ON nor
+                always OFF (its entropy is > 0, so no fixed multiplier reproduces it).
+        """
+        obs = int(self.observations)
+        if obs == 0 or self.on_counts.numel() == 0:
+            raise ValueError(f"{type(self).__name__} has not counted anything yet; measure its entropy first")
+        on = self.on_counts == obs
+        off = self.on_counts == 0
+        mixed = int((~(on | off)).sum())
+        if mixed:
+            raise ValueError(
+                f"{type(self).__name__} has {mixed} of {self.on_counts.numel()} neurons that are neither always ON nor "
+                "always OFF (entropy > 0): no fixed per-neuron multiplier reproduces it; linearize it as the identity instead"
+            )
+        return torch.where(on, 1.0, self._off_slope().to(torch.float32).expand(on.shape))
+
+    def _off_slope(self) -> Tensor:
+        """The slope of the OFF side (a scalar or one value per neuron)."""
+        return torch.zeros((), device=self.on_counts.device)
+
+    def get_extra_state(self) -> dict:
+        return {"linearized": self.linearized}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.linearized = bool(state.get("linearized", False))
 
     # -- statistics ------------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -135,6 +213,9 @@ class EntropyActivation(nn.Module):
         saved = state_dict.get(prefix + "on_counts")
         if isinstance(saved, Tensor) and saved.shape != self.on_counts.shape:
             self.on_counts = torch.zeros(saved.shape, dtype=torch.int64, device=self.on_counts.device)
+        scale = state_dict.get(prefix + "linear_scale")
+        if isinstance(scale, Tensor) and (self.linear_scale is None or scale.shape != self.linear_scale.shape):
+            self.linear_scale = torch.zeros(scale.shape, dtype=scale.dtype, device=self.on_counts.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # -- conversion ------------------------------------------------------------------------
@@ -190,8 +271,8 @@ class _InplaceActivation(EntropyActivation):
     def _from_torch(cls, module: nn.Module, **kwargs) -> "_InplaceActivation":
         return cls(module.inplace, **kwargs)
 
-    def to_torch(self) -> nn.Module:
-        return nn.Identity() if self.linearized else self.torch_module(self.inplace)
+    def _torch_module(self) -> nn.Module:
+        return self.torch_module(self.inplace)
 
     def _torch_extra_repr(self) -> str:
         return "inplace=True" if self.inplace else ""
@@ -242,6 +323,9 @@ class EntropyLeakyReLU(EntropyActivation):
     def _op_args(self) -> dict:
         return {"negative_slope": self.negative_slope}
 
+    def _off_slope(self) -> Tensor:
+        return torch.tensor(float(self.negative_slope), device=self.on_counts.device)
+
     def _torch_forward(self, input: Tensor) -> Tensor:
         return F.leaky_relu(input, self.negative_slope, self.inplace)
 
@@ -249,8 +333,8 @@ class EntropyLeakyReLU(EntropyActivation):
     def _from_torch(cls, module: nn.LeakyReLU, **kwargs) -> "EntropyLeakyReLU":
         return cls(module.negative_slope, module.inplace, **kwargs)
 
-    def to_torch(self) -> nn.Module:
-        return nn.Identity() if self.linearized else nn.LeakyReLU(self.negative_slope, self.inplace)
+    def _torch_module(self) -> nn.Module:
+        return nn.LeakyReLU(self.negative_slope, self.inplace)
 
     def _torch_extra_repr(self) -> str:
         return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
@@ -279,6 +363,10 @@ class EntropyPReLU(EntropyActivation):
     def _op_args(self) -> dict:
         return {"weight": self.weight}
 
+    def _off_slope(self) -> Tensor:
+        w = self.weight.detach().to(self.on_counts.device)
+        return w[0] if w.numel() == 1 else w
+
     def forward(self, input: Tensor) -> Tensor:
         if self.track and not self.linearized and self.num_parameters > 1 and input.dim() >= 2:
             if self.channel_dim % input.dim() != 1:
@@ -301,9 +389,7 @@ class EntropyPReLU(EntropyActivation):
         new.weight.requires_grad_(w.requires_grad)
         return new
 
-    def to_torch(self) -> nn.Module:
-        if self.linearized:
-            return nn.Identity()
+    def _torch_module(self) -> nn.Module:
         m = nn.PReLU(self.num_parameters, self.init, device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             m.weight.copy_(self.weight)
@@ -337,8 +423,8 @@ class EntropyGELU(EntropyActivation):
     def _from_torch(cls, module: nn.GELU, **kwargs) -> "EntropyGELU":
         return cls(module.approximate, **kwargs)
 
-    def to_torch(self) -> nn.Module:
-        return nn.Identity() if self.linearized else nn.GELU(self.approximate)
+    def _torch_module(self) -> nn.Module:
+        return nn.GELU(self.approximate)
 
     def _torch_extra_repr(self) -> str:
         return f"approximate={self.approximate!r}"

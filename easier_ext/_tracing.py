@@ -1,0 +1,128 @@
+"""torch.fx helpers shared by conversion, linearization and folding: which calls are rectifiers,
+and tracers that stop at the right modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from easier_ext.modules import _SUBCLASS_FOR, EntropyActivation
+
+#: torch.nn rectifier modules that :func:`easier_ext.convert` replaces.
+RECTIFIER_MODULES = tuple(_SUBCLASS_FOR)
+
+
+@dataclass(frozen=True)
+class _FunctionalSpec:
+    module: type  # the torch.nn module equivalent to the call
+    params: tuple  # the call's parameter names, in order
+    defaults: dict
+    inplace: bool = False  # the call writes into its input whatever its arguments say
+
+
+_RELU = _FunctionalSpec(nn.ReLU, ("input", "inplace"), {"inplace": False})
+_RELU_ = _FunctionalSpec(nn.ReLU, ("input",), {}, inplace=True)
+_LEAKY = _FunctionalSpec(nn.LeakyReLU, ("input", "negative_slope", "inplace"), {"negative_slope": 0.01, "inplace": False})
+_LEAKY_ = _FunctionalSpec(nn.LeakyReLU, ("input", "negative_slope"), {"negative_slope": 0.01}, inplace=True)
+
+#: call_function targets that are rectifiers
+FUNCTIONAL_RECTIFIERS: dict[Callable, _FunctionalSpec] = {
+    F.relu: _RELU,
+    torch.relu: _FunctionalSpec(nn.ReLU, ("input",), {}),
+    F.relu_: _RELU_,
+    torch.relu_: _RELU_,
+    F.relu6: _FunctionalSpec(nn.ReLU6, ("input", "inplace"), {"inplace": False}),
+    F.leaky_relu: _LEAKY,
+    F.leaky_relu_: _LEAKY_,
+    F.gelu: _FunctionalSpec(nn.GELU, ("input", "approximate"), {"approximate": "none"}),
+    F.silu: _FunctionalSpec(nn.SiLU, ("input", "inplace"), {"inplace": False}),
+}
+#: call_method targets (``x.relu()``) that are rectifiers
+METHOD_RECTIFIERS: dict[str, _FunctionalSpec] = {
+    "relu": _FunctionalSpec(nn.ReLU, ("input",), {}),
+    "relu_": _RELU_,
+}
+
+
+def rectifier_spec(node: fx.Node) -> Optional[_FunctionalSpec]:
+    """The spec of a functional or method rectifier call, else None."""
+    if node.op == "call_function":
+        try:
+            return FUNCTIONAL_RECTIFIERS.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return METHOD_RECTIFIERS.get(node.target)
+    return None
+
+
+def bind_call(node: fx.Node, spec: _FunctionalSpec) -> dict[str, Any]:
+    """The call's arguments by name, defaults filled in."""
+    bound = dict(spec.defaults)
+    bound.update(zip(spec.params, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def module_from_call(node: fx.Node, spec: _FunctionalSpec) -> tuple[nn.Module, bool]:
+    """The torch.nn module equivalent to a functional rectifier call, and whether the call was
+    in place.
+
+    Raises:
+        ValueError: when an argument other than the input is not a constant (computed in
+            ``forward``), so no fixed module reproduces the call.
+    """
+    args = bind_call(node, spec)
+    unknown = set(args) - set(spec.params)
+    if unknown:
+        raise ValueError(f"{node.format_node()}: unexpected arguments {sorted(unknown)}")
+    for name, value in args.items():
+        if name != "input" and isinstance(value, fx.Node):
+            raise ValueError(f"`{node.name}` passes a computed {name!r}; only constant arguments can be converted")
+    inplace = spec.inplace or bool(args.get("inplace", False))
+    if spec.module is nn.LeakyReLU:
+        return nn.LeakyReLU(args["negative_slope"]), inplace
+    if spec.module is nn.GELU:
+        return nn.GELU(args["approximate"]), inplace
+    return spec.module(), inplace
+
+
+class ShallowTracer(fx.Tracer):
+    """Traces one module's own forward: every submodule call stays a single ``call_module``."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+class FoldTracer(fx.Tracer):
+    """Traces a whole model down to torch.nn layers and easier_ext sites (both kept as leaves);
+    user modules, Sequentials and GraphModules are traced through."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, EntropyActivation) or super().is_leaf_module(m, module_qualified_name)
+
+
+def is_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential (or subclass) that runs its children in order, once each."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def trace_model(model: nn.Module) -> fx.GraphModule:
+    """The whole model as a GraphModule of torch.nn layers and easier_ext sites.
+
+    Raises:
+        RuntimeError: naming the model when torch.fx cannot trace it.
+    """
+    try:
+        graph = FoldTracer().trace(model)
+    except Exception as e:  # fx raises many types: TraceError, TypeError, NameError, ...
+        raise RuntimeError(
+            f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); "
+            "folding needs a model whose forward has no data-dependent control flow"
+        ) from e
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
