@@ -10,6 +10,10 @@ from easier_ext import ops
 from easier_ext.entropy import AGGREGATES, binary_entropy, layer_entropy
 from easier_ext.measure import ESTIMATORS, SiteEntropy, measure_entropy
 from easier_ext.convert import UntraceableSiteError, convert, site, sites
+from easier_ext.linearize import LINEARIZE_MODES, linearize, move_padding
+from easier_ext.fold import FOLD_COSTS, fold
+from easier_ext.costs import Cost, compare, cost
+from easier_ext.models import build_model
 from easier_ext.modules import (
     EntropyActivation,
     EntropyGELU,
@@ -24,6 +28,9 @@ __version__ = build_info()["version"]
 
 __all__ = [
     "AGGREGATES",
+    "Cost",
+    "FOLD_COSTS",
+    "LINEARIZE_MODES",
     "ESTIMATORS",
     "EntropyActivation",
     "EntropyGELU",
@@ -38,7 +45,9 @@ __all__ = [
     "build_info",
     "convert",
     "layer_entropy",
+    "linearize",
     "measure_entropy",
+    "move_padding",
     "ops",
     "site",
     "sites",

@@ -1,0 +1,124 @@
+"""Linearize sites: the identity (EASIER) or their exact per-neuron multiplier (NEPENTHE), and
+move padding so that the convs around a linearized site can later be merged exactly."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from easier_ext._tracing import FoldTracer
+from easier_ext.chains import find_chains, plan_segments
+from easier_ext.convert import site as find_site
+from easier_ext.modules import EntropyActivation
+
+__all__ = ["LINEARIZE_MODES", "linearize", "move_padding"]
+
+#: ``"identity"``: the site passes its input through (EASIER). ``"mask"``: the site multiplies each
+#: neuron by its constant slope (1 when always ON, the OFF slope when always OFF), exact on the
+#: measured data when every neuron was constant (NEPENTHE); refused otherwise. ``"auto"``: mask
+#: when every neuron was constant, else identity.
+LINEARIZE_MODES = ("identity", "mask", "auto")
+
+
+def linearize(model: nn.Module, names: Union[str, Iterable[str]], *, mode: str = "auto", prepare_fold: bool = True) -> list[str]:
+    """Linearizes sites of a converted model, in place.
+
+    Args:
+        model: a converted model (see :func:`easier_ext.convert`).
+        names: a site name or several (see :func:`easier_ext.sites`).
+        mode: one of :data:`LINEARIZE_MODES`; ``"mask"`` and ``"auto"`` use the sites' counts from
+            the last measurement.
+        prepare_fold: also move the padding of every conv chain that now pays to merge to the
+            chain's first conv (see :func:`move_padding`), so that finetuning adapts to it and
+            :func:`easier_ext.fold` merges it exactly.
+
+    Returns:
+        the convs whose padding moved (qualified names), empty when none.
+
+    Raises:
+        KeyError: an unknown site name (nothing is changed).
+        ValueError: an unknown mode, or ``"mask"`` for a site with non-constant neurons (nothing
+            is changed).
+    """
+    if mode not in LINEARIZE_MODES:
+        raise ValueError(f"unknown linearize mode {mode!r}; expected one of {LINEARIZE_MODES}")
+    names = [names] if isinstance(names, str) else list(names)
+    targets = [find_site(model, n) for n in names]  # every name checked before any change
+    scales = [_scale(s, mode) for s in targets]
+    for s, scale in zip(targets, scales):
+        s.linearize(scale)
+    return move_padding(model) if prepare_fold else []
+
+
+def _scale(s: EntropyActivation, mode: str):
+    if mode == "identity":
+        return None
+    try:
+        scale = s.constant_scale()
+    except ValueError:
+        if mode == "mask":
+            raise
+        return None
+    return None if bool((scale == 1).all()) else scale
+
+
+def move_padding(model: nn.Module) -> list[str]:
+    """Moves padding to the first conv of every conv chain that pays to merge.
+
+    Two "same"-padded convs with a linear map between them merge exactly only if the chain's
+    padding is applied once, at its input: the intermediate map is then computed at the border
+    rather than zero-padded. This changes the model's function near the borders (finetune after
+    it); it is what makes :func:`easier_ext.fold` exact. A conv ``k`` giving its padding ``p`` to
+    the conv before it (stride ``s``) makes that conv pad ``s * p`` more, so the chain's output size
+    does not change. Only runs that the MACs model says pay to merge are touched.
+
+    Args:
+        model: a converted model, traceable by torch.fx, with linearized sites.
+
+    Returns:
+        the qualified names of the convs whose padding changed.
+    """
+    try:
+        graph = FoldTracer().trace(model)
+    except Exception as e:  # fx raises many types
+        warnings.warn(f"torch.fx could not trace {type(model).__name__} ({e}); no padding was moved, so folding may refuse some chains", stacklevel=2)
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    moved = []
+    for chain in find_chains(graph, model, _transparent(model)):
+        if not chain.layers or isinstance(chain.layers[0], nn.Linear):
+            continue
+        segments, _, _ = plan_segments(chain.layers, exact_only=False)
+        for start, stop in segments:
+            convs = chain.layers[start:stop]
+            if not _can_move(convs):
+                continue
+            for k in range(len(convs) - 1, 0, -1):
+                before, after = convs[k - 1], convs[k]
+                if any(after.padding):
+                    before.padding = tuple(p + s * q for p, s, q in zip(before.padding, before.stride, after.padding))
+                    after.padding = (0,) * len(after.padding)
+                    moved += [names[id(after)], names[id(before)]]
+    return list(dict.fromkeys(moved))
+
+
+def _can_move(convs) -> bool:
+    return all(isinstance(c.padding, tuple) and c.padding_mode == "zeros" for c in convs)
+
+
+def _transparent(model: nn.Module):
+    """Between two convs of a chain: BatchNorm, linearized sites, dropout, identity."""
+
+    def transparent(node: fx.Node) -> bool:
+        if node.op != "call_module":
+            return False
+        m = model.get_submodule(node.target)
+        if isinstance(m, EntropyActivation):
+            return m.linearized
+        return isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Identity))
+
+    return transparent
