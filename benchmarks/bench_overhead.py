@@ -8,22 +8,18 @@ Run: python benchmarks/bench_overhead.py [--activations relu gelu ...] [--device
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import math
 import os
-import platform
-import random
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 import easier_ext
 from easier_ext import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import fmt_bytes, machine, peak_extra_bytes, time_calls  # noqa: E402
 
 SHAPES = {
     "(64,64,32,32) NCHW": ((64, 64, 32, 32), 1, torch.contiguous_format),
@@ -84,87 +80,6 @@ def compiled_count(activation_fn, channel_dim):
 
     torch._dynamo.reset()  # a fresh compile per case, not a recompile of the last one
     return torch.compile(f, fullgraph=True)
-
-
-def time_calls(variants, x, device, min_run_time):
-    """Median seconds per call of each variant, measured in rounds of one call of each, in a
-    shuffled order, so that every variant sees the same machine state (other load, and the
-    allocator state the previous call leaves, which decides whether a large output is fresh,
-    page-faulting memory or reused memory)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for fn in variants.values():
-        fn(x)  # warm up (and compile)
-    samples = {k: [] for k in variants}
-    order = list(variants)
-    rng = random.Random(0)
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_run_time * len(variants) or len(samples[order[0]]) < 10:
-        rng.shuffle(order)
-        for k in order:
-            fn = variants[k]
-            sync()
-            t0 = time.perf_counter()
-            fn(x)
-            sync()
-            samples[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
-def peak_extra_bytes(fn, x, device):
-    """Peak memory the call allocates beyond its output tensor(s), from the allocator's own
-    records (CUDA caching allocator stats; on the CPU, the profiler's allocation events)."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn(x)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = fn(x)
-        live = peak = 0
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        for e in sorted(events, key=lambda e: e.start_ns()):
-            live += e.nbytes()
-            peak = max(peak, live)
-    outs = out if isinstance(out, tuple) else (out,)
-    out_bytes = sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor))
-    return max(0, peak - out_bytes)
-
-
-@contextlib.contextmanager
-def _stderr_silenced():
-    """The profiler's C++ side logs start/stop lines to fd 2; keep them out of the table."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def fmt_bytes(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def machine(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None):

@@ -10,4 +10,9 @@ TORCH_LIBRARY(easier_ext, m) {
   m.def(
       "rectify_count(Tensor input, str activation, float negative_slope, Tensor? weight, int channel_dim)"
       " -> (Tensor, Tensor)");
+  // In-place form for inference (no autograd formula): writes the activation into `input` and
+  // returns the counts. Saves allocating (and, for large tensors, page-faulting) a new output.
+  m.def(
+      "rectify_count_(Tensor(a!) input, str activation, float negative_slope, Tensor? weight, int channel_dim)"
+      " -> Tensor");
 }

@@ -85,7 +85,7 @@ ChannelLayout channel_layout(const at::Tensor& t, int64_t dim) {
 }  // namespace
 
 RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double negative_slope,
-                         const std::optional<at::Tensor>& weight, int64_t channel_dim) {
+                         const std::optional<at::Tensor>& weight, int64_t channel_dim, bool in_place) {
   const Activation a = parse_activation(activation);
   check_input(input);
   const int64_t dim = check_channel_dim(input, channel_dim);
@@ -93,9 +93,10 @@ RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, d
 
   // empty_like keeps a dense input's strides (contiguous, channels_last, permuted); a strided
   // view gets a dense layout, and is copied into it once so the kernels see plain blocks.
-  at::Tensor output = at::empty_like(input);
+  const bool dense_input = input.is_non_overlapping_and_dense();
+  at::Tensor output = in_place && dense_input ? input : at::empty_like(input);
   at::Tensor dense = input;
-  if (!input.is_non_overlapping_and_dense()) {
+  if (!dense_input) {
     dense = at::empty_like(input);
     dense.copy_(input);
   }

@@ -28,8 +28,10 @@ struct RectifyPlan {
   ChannelLayout layout;
 };
 
+// With `in_place`, a dense input is also the output (the kernels read each element before writing
+// it); a non-dense one still gets a dense output, which the caller copies back.
 RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double negative_slope,
-                         const std::optional<at::Tensor>& weight, int64_t channel_dim);
+                         const std::optional<at::Tensor>& weight, int64_t channel_dim, bool in_place = false);
 
 // Calls `f(std::integral_constant<Activation, A>{})` with the activation as a compile-time value.
 template <typename F>

@@ -98,9 +98,11 @@ class EntropyActivation(nn.Module):
             return input if self.linear_scale is None else input * self._scale_view(input)
         if not self.track:
             return self._torch_forward(input)
-        out, counts = ops.rectify_count(
-            input, self.activation, channel_dim=self.channel_dim, **self._op_args()
-        )
+        if getattr(self, "inplace", False) and not (torch.is_grad_enabled() and input.requires_grad):
+            counts = ops.rectify_count_(input, self.activation, channel_dim=self.channel_dim, **self._op_args())
+            self._accumulate(input, counts)
+            return input
+        out, counts = ops.rectify_count(input, self.activation, channel_dim=self.channel_dim, **self._op_args())
         self._accumulate(input, counts)
         return out
 
@@ -259,8 +261,8 @@ class EntropyActivation(nn.Module):
 class _InplaceActivation(EntropyActivation):
     """An activation whose torch module takes ``inplace``.
 
-    ``inplace`` is honoured when not tracking. While tracking, the output is a new tensor and the
-    input is left as it was (the fused kernel writes its output elsewhere).
+    ``inplace`` is honoured as torch does, also while tracking, except where autograd needs the
+    input (grad enabled and the input requires grad): there the output is a new tensor.
     """
 
     def __init__(self, inplace: bool = False, *, channel_dim: int = 1, track: bool = True) -> None:
@@ -282,8 +284,8 @@ class EntropyReLU(_InplaceActivation):
     """``nn.ReLU`` that counts its neurons' ON states. See :class:`EntropyActivation`.
 
     Args:
-        inplace: accepted for ``nn.ReLU`` compatibility; honoured when not tracking. While tracking,
-            the output is a new tensor and the input is left as it was.
+        inplace: as in ``nn.ReLU``: overwrite the input, unless autograd needs it while
+            tracking (see :class:`_InplaceActivation`).
     """
 
     activation = "relu"

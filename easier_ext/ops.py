@@ -13,7 +13,7 @@ from torch import Tensor
 
 from easier_ext import _extension  # noqa: F401  (loads the library that defines the ops)
 
-__all__ = ["ACTIVATIONS", "rectify_count"]
+__all__ = ["ACTIVATIONS", "rectify_count", "rectify_count_"]
 
 #: Activation names accepted by :func:`rectify_count`.
 ACTIVATIONS = ("relu", "relu6", "leaky_relu", "prelu", "gelu", "gelu_tanh", "silu")
@@ -50,6 +50,31 @@ def rectify_count(
         ``input.numel() // C`` times.
     """
     return torch.ops.easier_ext.rectify_count.default(input, activation, negative_slope, weight, channel_dim)
+
+
+def rectify_count_(
+    input: Tensor,
+    activation: str = "relu",
+    *,
+    negative_slope: float = 0.01,
+    weight: Optional[Tensor] = None,
+    channel_dim: int = 1,
+) -> Tensor:
+    """In-place :func:`rectify_count`: writes the activation into ``input`` and returns the counts.
+
+    For inference: it has no autograd formula (like any in-place activation, it would destroy the
+    input its backward needs). It saves allocating a new output, which for large tensors costs
+    page faults as well as memory.
+
+    Args:
+        input: as in :func:`rectify_count`; overwritten with the output.
+        activation, negative_slope, weight, channel_dim: as in :func:`rectify_count`.
+
+    Returns:
+        int64 tensor of shape ``(C,)``: each channel's number of ON elements (counted before
+        ``input`` was overwritten).
+    """
+    return torch.ops.easier_ext.rectify_count_.default(input, activation, negative_slope, weight, channel_dim)
 
 
 @torch.library.register_fake("easier_ext::rectify_count")
@@ -120,3 +145,9 @@ def _backward(ctx, grad_out, _grad_counts):
 
 
 torch.library.register_autograd("easier_ext::rectify_count", _backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake("easier_ext::rectify_count_")
+def _rectify_count_inplace_fake(input, activation, negative_slope, weight, channel_dim):
+    _, counts = _rectify_count_fake(input, activation, negative_slope, weight, channel_dim)
+    return counts

@@ -71,15 +71,28 @@ def test_linear_shaped_and_channels_last_inputs():
     np.testing.assert_array_equal(m2.on_counts.numpy(), reference_counts(xc, 1))
 
 
-def test_inplace_semantics():
-    x = torch.randn(4, 3)
+@pytest.mark.parametrize("track", [False, True])
+@pytest.mark.parametrize("cls,fn", [(ee.EntropyReLU, torch.relu), (ee.EntropyReLU6, nn.functional.relu6),
+                                    (ee.EntropySiLU, nn.functional.silu), (ee.EntropyLeakyReLU, nn.functional.leaky_relu)])
+def test_inplace_semantics(cls, fn, track):
+    x = torch.randn(4, 3, 5, 5)
     xc = x.clone()
-    m = ee.EntropyReLU(inplace=True, track=False)
-    y = m(xc)
-    assert y.data_ptr() == xc.data_ptr() and torch.equal(xc, torch.relu(x))
-    xt = x.clone()
-    y = ee.EntropyReLU(inplace=True)(xt)  # tracking: a new output, the input untouched
-    assert torch.equal(xt, x) and torch.equal(y, torch.relu(x))
+    m = cls(inplace=True, track=track)
+    y = m(xc)  # like torch: the input is overwritten
+    assert y.data_ptr() == xc.data_ptr()
+    torch.testing.assert_close(xc, fn(x), rtol=0 if cls is not ee.EntropySiLU else 1e-6, atol=0 if cls is not ee.EntropySiLU else 1e-6)
+    if track:
+        np.testing.assert_array_equal(m.on_counts.numpy(), reference_counts(x, 1))
+    # where autograd needs the input, tracking gives a new output and leaves the input alone
+    leaf = x.clone().requires_grad_()
+    z = leaf * 1.0
+    before = z.detach().clone()
+    out = cls(inplace=True, track=True)(z)
+    assert torch.equal(z.detach(), before) and out.data_ptr() != z.data_ptr()
+    out.sum().backward()
+    ref_leaf = x.clone().requires_grad_()
+    fn(ref_leaf * 1.0).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad)
 
 
 def test_gradients_flow_like_torch():

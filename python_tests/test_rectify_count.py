@@ -10,6 +10,7 @@ from testing import (
     ACTIVATIONS,
     DEVICES,
     DTYPES,
+    INPLACE_OP,
     OP,
     PIECEWISE_LINEAR,
     assert_bit_exact,
@@ -71,6 +72,42 @@ def test_matches_torch_and_numpy(device, dtype, activation):
         assert counts.dtype == torch.int64 and counts.device == x.device, case
         np.testing.assert_array_equal(counts.cpu().numpy(), reference_counts(x, dim), err_msg=case)
         assert x.data_ptr() != y.data_ptr(), case
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_inplace_matches_out_of_place(device, dtype, activation):
+    """rectify_count_ writes exactly what rectify_count returns into its input (also a non-dense
+    view, whose untouched gaps must stay untouched) and returns the same counts."""
+    for (x, act, slope, w, dim), case in sample_inputs(device, dtype, activation):
+        base = x._base if x._base is not None else x
+        before = base.clone()
+        y, counts = OP(x, act, slope, w, dim)
+        counts_ = INPLACE_OP(x, act, slope, w, dim)
+        assert torch.equal(counts_, counts), case
+        assert_bit_exact(x, y, case)
+        if x._base is not None:
+            inside = torch.zeros_like(base, dtype=torch.bool)
+            inside.as_strided(x.shape, x.stride(), x.storage_offset()).fill_(True)
+            assert_bit_exact(base[~inside], before[~inside], case + " (gaps of the view)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_bad_input_leaves_input_untouched(device):
+    x = torch.randn(2, 3, 4, device=device)
+    before = x.clone()
+    with pytest.raises(ValueError, match="needs a weight tensor"):
+        INPLACE_OP(x, "prelu", 0.0, None, 1)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["relu", "prelu", "gelu"])
+def test_inplace_opcheck(device, activation):
+    samples = sample_inputs(device, torch.float32, activation, special=False)
+    for (x, act, slope, w, dim), case in itertools.islice(samples, 0, 12, 4):
+        torch.library.opcheck(INPLACE_OP, (x.clone(), act, slope, w, dim), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import easier_ext  # noqa: F401  (registers the ops)
 
 OP = torch.ops.easier_ext.rectify_count.default
+INPLACE_OP = torch.ops.easier_ext.rectify_count_.default
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ACTIVATIONS = ["relu", "relu6", "leaky_relu", "prelu", "gelu", "gelu_tanh", "silu"]

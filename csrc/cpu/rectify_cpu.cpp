@@ -32,6 +32,18 @@ std::tuple<at::Tensor, at::Tensor> rectify_count_cpu(const at::Tensor& input, c1
   return {plan.output, counts};
 }
 
+at::Tensor rectify_count_inplace_cpu(at::Tensor& input, c10::string_view activation, double negative_slope,
+                                     const std::optional<at::Tensor>& weight, int64_t channel_dim) {
+  TORCH_INTERNAL_ASSERT(input.device().is_cpu());
+  RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), negative_slope,
+                                  weight, channel_dim, /*in_place=*/true);
+  at::Tensor counts = at::zeros({plan.layout.channels}, input.options().dtype(at::kLong));
+  static const cpu::RectifyCountKernel kernel = select_kernel();
+  kernel(plan, counts.mutable_data_ptr<int64_t>());
+  if (!plan.output.is_same(input)) input.copy_(plan.output);
+  return counts;
+}
+
 }  // namespace
 
 std::string cpu_kernel_capability() {
@@ -46,6 +58,7 @@ std::string cpu_kernel_capability() {
 
 TORCH_LIBRARY_IMPL(easier_ext, CPU, m) {
   m.impl("rectify_count", &rectify_count_cpu);
+  m.impl("rectify_count_", &rectify_count_inplace_cpu);
 }
 
 }  // namespace easier_ext

@@ -220,10 +220,20 @@ std::tuple<at::Tensor, at::Tensor> rectify_count_cuda(const at::Tensor& input, c
   return {plan.output, counts};
 }
 
+// The kernels declare input and output __restrict__ (so loads may use the read-only cache): the
+// in-place form runs them out of place and copies the result back, on the same stream.
+at::Tensor rectify_count_inplace_cuda(at::Tensor& input, c10::string_view activation, double negative_slope,
+                                      const std::optional<at::Tensor>& weight, int64_t channel_dim) {
+  auto [output, counts] = rectify_count_cuda(input, activation, negative_slope, weight, channel_dim);
+  input.copy_(output);
+  return counts;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(easier_ext, CUDA, m) {
   m.impl("rectify_count", &rectify_count_cuda);
+  m.impl("rectify_count_", &rectify_count_inplace_cuda);
 }
 
 }  // namespace easier_ext
