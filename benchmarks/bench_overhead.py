@@ -1,7 +1,8 @@
 """Entropy-tracking overhead of the fused kernels, against torch's activation alone, the hook-based
 way research code measures it, and torch.compile of activation + counting.
 
-Prints a Markdown table (time per call, ratios measured in this run, peak extra memory).
+Prints a Markdown table (time per call, ratios measured in this run, peak extra memory), with the
+in-place forms (torch's `relu_` and friends against `rectify_count_`) where torch has one.
 Run: python benchmarks/bench_overhead.py [--activations relu gelu ...] [--device cpu|cuda]
 """
 
@@ -44,6 +45,21 @@ def torch_activation(name, channels, channel_dim, device):
         w = torch.full((channels if channel_dim == 1 else 1,), 0.25, device=device)
         return (lambda x: F.prelu(x, w)), {"weight": w}
     return TORCH_FN[name], ({"negative_slope": 0.01} if name == "leaky_relu" else {})
+
+
+TORCH_INPLACE_FN = {  # torch's in-place forms (nn.ReLU(inplace=True) and friends); none for prelu, gelu
+    "relu": F.relu_,
+    "relu6": lambda x: F.relu6(x, inplace=True),
+    "leaky_relu": lambda x: F.leaky_relu_(x, 0.01),
+    "silu": lambda x: F.silu(x, inplace=True),
+}
+
+
+def on_own_copy(fn, x):
+    """An in-place variant timed on its own copy of the input, so the others' input stays as it was
+    (the kernels' cost does not depend on the values)."""
+    mine = x.clone(memory_format=torch.preserve_format)
+    return lambda _x: fn(mine)
 
 
 def hook_based(activation_fn, channel_dim):
@@ -97,8 +113,9 @@ def main(argv=None):
     print(f"easier_ext {info['version']} (CPU kernel {info['cpu_capability']}, CUDA kernels: {info['cuda_kernels']}), "
           f"torch {torch.__version__}, {machine(device)}\n")
     print("| activation | shape | torch alone | fused + tracking | hook-based | compile (act + count) "
-          "| fused / torch | hook / fused | extra mem fused | extra mem hook | extra mem compile |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| fused / torch | hook / fused | torch in-place | fused in-place | fused / torch, in-place | hook / fused in-place "
+          "| extra mem fused | extra mem hook | extra mem compile |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.activations:
         for label, (shape, dim, fmt) in SHAPES.items():
             x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
@@ -111,15 +128,20 @@ def main(argv=None):
 
             hook = hook_based(plain, dim)
             variants = {"torch": plain, "fused": fused, "hook": hook}
+            if name in TORCH_INPLACE_FN:
+                variants["torch_"] = on_own_copy(TORCH_INPLACE_FN[name], x)
+                variants["fused_"] = on_own_copy(lambda x, n=op_name, a=op_args, d=dim: ops.rectify_count_(x, n, channel_dim=d, **a), x)
             if not args.no_compile:
                 variants["compile"] = compiled_count(plain, dim)
             times = time_calls(variants, x, device, args.min_run_time)
-            mem = {k: peak_extra_bytes(fn, x, device) for k, fn in variants.items()}
+            mem = {k: peak_extra_bytes(fn, x, device) for k, fn in variants.items() if not k.endswith("_")}
             hook._forward_hooks.clear()
             ms = lambda k: f"{times[k] * 1e3:.3f} ms" if k in times else "-"
             mb = lambda k: fmt_bytes(mem[k]) if k in mem else "-"
+            ratio = lambda a, b: f"{times[a] / times[b]:.2f}x" if a in times and b in times else "-"
             print(f"| {name} | {label} | {ms('torch')} | {ms('fused')} | {ms('hook')} | {ms('compile')} "
                   f"| {times['fused'] / times['torch']:.2f}x | {times['hook'] / times['fused']:.1f}x "
+                  f"| {ms('torch_')} | {ms('fused_')} | {ratio('fused_', 'torch_')} | {ratio('hook', 'fused_')} "
                   f"| {mb('fused')} | {mb('hook')} | {mb('compile')} |", flush=True)
 
 

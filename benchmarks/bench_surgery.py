@@ -12,7 +12,7 @@ The models are randomly initialised and fed random data: the timings and the str
 folding are real, which sites have the lowest entropy is not meaningful (see the EASIER benchmark
 for trained models).
 
-Run: python benchmarks/bench_surgery.py [--models resnet18 ...] [--batch 128] [--rounds 10]
+Run: python benchmarks/bench_surgery.py [--models resnet18 ...] [--batch 128] [--rounds 30]
 """
 
 from __future__ import annotations
@@ -88,15 +88,25 @@ def passes(name: str, batch: int, rounds: int) -> tuple[list, nn.Module, nn.Modu
     return row, plain, converted, x
 
 
-def surgery(plain: nn.Module, converted: nn.Module, x: torch.Tensor, min_run_time: float):
+def surgery(plain: nn.Module, converted: nn.Module, x: torch.Tensor, rounds: int):
     entropies = ee.measure_entropy(converted, [x], progress=False)
     lowest = sorted(entropies, key=lambda n: entropies[n].entropy)[: len(entropies) // 2]
     model = copy.deepcopy(converted)
     ee.linearize(model, lowest)
     folded = ee.fold(model, x[:2])
-    before = ee.cost(plain, x, min_run_time=min_run_time)
-    after = ee.cost(folded, x, min_run_time=min_run_time)
-    return len(lowest), len(entropies), before, after
+    before = ee.cost(plain, x, latency=False)
+    after = ee.cost(folded, x, latency=False)
+
+    def forward(m):
+        def run(x):
+            with torch.no_grad():
+                return m(x)
+
+        return run
+
+    samples = sample_calls({"before": forward(plain), "after": forward(folded)}, x, "cpu", min_run_time=0, min_rounds=rounds)
+    latency = {k: statistics.median(v) for k, v in samples.items()}
+    return len(lowest), len(entropies), before, after, latency, 1 / paired_ratio(samples, "after", "before")
 
 
 def main(argv=None) -> None:
@@ -104,7 +114,6 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30, help="timing rounds (one call of each variant per round, shuffled)")
-    parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds per latency measurement")
     args = parser.parse_args(argv)
     info = ee.build_info()
     print(f"easier_ext {info['version']}, torch {torch.__version__}, {machine('cpu')}, batch {args.batch}, 32x32, eval mode\n")
@@ -120,13 +129,13 @@ def main(argv=None) -> None:
               f"| {fmt_bytes(peaks['plain'])} | {fmt_bytes(peaks['easier_ext'])} | {fmt_bytes(peaks['hook-based'])} | {fmt_bytes(kept['easier_ext'])} | {fmt_bytes(kept['hook-based'])} |", flush=True)
 
     print("\nLowest-entropy half of the sites linearized, then folded (MACs per image; latency of a batch):\n")
-    print("| model | sites linearized | params | MACs/image | depth | CPU latency | latency speedup |")
+    print("| model | sites linearized | params | MACs/image | depth | CPU latency (median) | speedup (paired median) |")
     print("|---|---|---|---|---|---|---|")
     for name, plain, converted, x in kept_models:
-        k, n, before, after = surgery(plain, converted, x, args.min_run_time)
+        k, n, before, after, latency, speedup = surgery(plain, converted, x, args.rounds)
         per = lambda c: f"{c.macs / x.shape[0] / 1e6:.1f} M"  # noqa: E731
         print(f"| {name} | {k}/{n} | {before.params / 1e6:.2f} M -> {after.params / 1e6:.2f} M | {per(before)} -> {per(after)} "
-              f"| {before.depth} -> {after.depth} | {before.latency_s * 1e3:.0f} ms -> {after.latency_s * 1e3:.0f} ms | {before.latency_s / after.latency_s:.2f}x |", flush=True)
+              f"| {before.depth} -> {after.depth} | {latency['before'] * 1e3:.0f} ms -> {latency['after'] * 1e3:.0f} ms | {speedup:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

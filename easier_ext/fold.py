@@ -82,18 +82,26 @@ class _Folder:
     def __init__(self, gm: fx.GraphModule, args: tuple, cost: str) -> None:
         self.gm, self.graph, self.args, self.cost = gm, gm.graph, args, cost
         self.log: list[str] = []
+        self.scale_buffers: list[str] = []
         self._warned: set = set()
 
     # -- driver ----------------------------------------------------------------------------
     def run(self) -> None:
         self._replace_sites()
         self._drop_identities()
+        passes = (self._fold_batchnorms, self._fold_scales, self._merge_chains, self._merge_sums)
         changed = True
         while changed:
-            self._propagate_shapes()
-            changed = any([self._fold_batchnorms(), self._fold_scales(), self._merge_chains(), self._merge_sums()])
+            changed = False
+            for fold_pass in passes:  # shapes are read by the passes: refresh them after each
+                self._propagate_shapes()
+                changed |= fold_pass()
+        self.graph.eliminate_dead_code()
         self.graph.lint()
         self.gm.delete_all_unused_submodules()
+        used = {n.target for n in self.graph.nodes if n.op == "get_attr"}
+        for name in [b for b in self.scale_buffers if b not in used]:
+            delattr(self.gm, name)
         self.gm.recompile()
 
     def _module(self, node: fx.Node) -> Optional[nn.Module]:
@@ -136,6 +144,7 @@ class _Folder:
         shape[m.channel_dim % dims] = -1
         name = node.target.replace(".", "_") + "_scale"
         self.gm.register_buffer(name, m.linear_scale.detach().reshape(shape).clone())
+        self.scale_buffers.append(name)
         with self.graph.inserting_before(node):
             buf = self.graph.get_attr(name)
             mul = self.graph.call_function(operator.mul, (node.args[0], buf))

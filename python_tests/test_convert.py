@@ -59,6 +59,18 @@ def test_torchvision_models_site_counts_and_outputs(name):
     assert all(s.observations > 0 for s in found.values())
 
 
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_small"])
+def test_other_torchvision_families(name):
+    """Deeper ResNets, EfficientNet's SiLU, ConvNeXt's GELU on (..., C) tensors, and a model
+    whose Hardswish sites are not rectifiers (left alone) beside its ReLUs."""
+    model = build(name)
+    x = torch.randn(1, 3, 64, 64)
+    converted = ee.convert(model)
+    assert len(ee.sites(converted)) == reference_site_calls(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_shared_module_becomes_one_site_per_call_in_execution_order():
     model = ee.convert(torchvision.models.resnet18())
     names = list(ee.sites(model))

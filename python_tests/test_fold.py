@@ -158,6 +158,7 @@ def test_constant_site_becomes_an_exact_mask_and_folds():
         assert relative_error(reference_forward(folded, x), e) <= 1e-5
     # the 0/1 mask folds into the first conv, then 3x3 (3->6) + 1x1 (6->5) = 192 MACs per pixel merge into one 3x3 (135)
     assert [m.kernel_size for m in folded.modules() if isinstance(m, _ConvNd)] == [(3, 3)]
+    assert list(dict(folded.named_buffers())) == []  # the mask's buffer went with it
 
 
 def test_mask_refused_for_non_constant_site():

@@ -90,6 +90,20 @@ def test_train_mode_uses_batch_statistics():
     assert np.array_equal(r["2"].on_counts.numpy(), (pre[2] > 0).sum(1))
 
 
+def test_autocast_counts_the_low_precision_pre_activations():
+    model, data = small_net(), dataset()
+    kept = []
+    hook = model[2].register_forward_pre_hook(lambda m, a: kept.append(a[0].detach().clone()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.eval()(data.tensors[0])
+    hook.remove()
+    z = kept[0]
+    assert z.dtype == torch.bfloat16
+    r = ee.measure_entropy(ee.convert(model), DataLoader(data, batch_size=len(data)), amp=True, progress=False)
+    expected = (z > 0).sum(dim=(0, 2, 3))
+    assert torch.equal(r["2"].on_counts, expected)
+
+
 def test_easier_reference_estimator_is_mean_of_batch_entropies():
     model, data = small_net(), dataset()
     pre = reference_pre_activations(model, data)
