@@ -1,0 +1,280 @@
+"""The EASIER schedule: measure every site's entropy, linearize the lowest, finetune, evaluate,
+repeat while the accuracy stays within a budget; then fold."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from easier_ext.convert import convert, sites
+from easier_ext.costs import Cost, cost
+from easier_ext.entropy import AGGREGATES
+from easier_ext.fold import fold
+from easier_ext.linearize import linearize, move_padding
+from easier_ext.measure import measure_entropy
+from easier_ext.rundir import RunDir, rng_state, seed_everything, set_rng_state
+from easier_ext.train import NonFiniteLossError, Recipe, evaluate, finetune
+
+__all__ = ["EASIER", "EasierResult"]
+
+TrainFn = Callable[[nn.Module, Iterable], Any]
+
+
+@dataclass
+class EasierResult:
+    """What an EASIER run returns.
+
+    Attributes:
+        model: the best model (most sites removed within the budget), folded: standard torch
+            layers only.
+        linearized: the same model before folding (easier_ext sites, linearized ones marked).
+        removed: the sites it linearized, in the order they were removed.
+        dense_accuracy: top-1 (%) of the model before any removal.
+        accuracy: top-1 (%) of the returned model (before folding; folding is exact).
+        before, after: cost of the dense and of the returned model.
+        trajectory: every iteration's log (see the run directory's ``iterations/``).
+        stopped: why the loop ended.
+    """
+
+    model: nn.Module
+    linearized: nn.Module
+    removed: list[str]
+    dense_accuracy: float
+    accuracy: float
+    before: Cost
+    after: Cost
+    trajectory: list[dict] = field(default_factory=list)
+    stopped: str = ""
+
+
+class EASIER:
+    """Iteratively linearizes the lowest-entropy rectifier sites of a trained model.
+
+    Each iteration: measure every remaining site's entropy on the training data (counts over the
+    measured batches); linearize the lowest-entropy site and every site at exactly zero entropy
+    (an exact 0/1 mask where all neurons were constant); finetune with a fresh optimizer; evaluate.
+    It stops when the accuracy drops by more than ``budget`` points below the dense model, when no
+    site is left, or after ``max_iterations``; the model with the most sites removed within the
+    budget is folded and returned.
+
+    Args:
+        model: a trained model (converted here when it has no sites yet; not modified).
+        train_loader: batches of ``(input, target)`` for measuring and finetuning.
+        val_loader: batches of ``(input, target)`` for the accuracy.
+        example_input: one input batch for folding and for costs (a small batch keeps it quick).
+        budget: the largest accepted drop in top-1 points, in ``[0, 100]``.
+        recipe: the finetune recipe (:class:`easier_ext.train.Recipe`); ignored with ``train_fn``.
+        train_fn: your own finetune: ``train_fn(model, train_loader)``, called in place of ours.
+        protect: sites never linearized.
+        aggregate: the layer entropy, ``"easier"`` or ``"nepenthe"``.
+        measure_batches: batches per measurement (default: the whole loader).
+        measure_train_mode: measure in train mode, as the paper does (BatchNorm statistics are
+            restored afterwards).
+        max_iterations: cap on the iterations.
+        fold_aware: among sites within ``fold_tolerance`` bits of the lowest entropy, prefer one
+            whose removal lets a merge that pays happen.
+        fold_tolerance: see ``fold_aware``.
+        run_dir: where logs, checkpoints and the final model go (None: nowhere, no resume).
+        resume: continue the run ``run_dir`` holds.
+        config: extra JSON-able settings that identify the run (e.g. the CLI's model and data).
+        latency: measure the CPU latency of each iteration's folded model.
+        device: where to run (default: the model's device).
+        seed: seeds torch, Python and NumPy at the start.
+        progress: progress bars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: Iterable,
+        val_loader: Iterable,
+        *,
+        example_input: torch.Tensor,
+        budget: float = 1.0,
+        recipe: Optional[Recipe] = None,
+        train_fn: Optional[TrainFn] = None,
+        protect: Sequence[str] = (),
+        aggregate: str = "easier",
+        measure_batches: Optional[int] = None,
+        measure_train_mode: bool = True,
+        max_iterations: Optional[int] = None,
+        fold_aware: bool = False,
+        fold_tolerance: float = 0.02,
+        run_dir=None,
+        resume: bool = False,
+        config: Optional[dict] = None,
+        latency: bool = True,
+        device=None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(budget, (int, float)) or not 0 <= budget <= 100:
+            raise ValueError(f"budget must be a drop in top-1 points in [0, 100], got {budget!r}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"unknown entropy aggregate {aggregate!r}; expected one of {AGGREGATES}")
+        if max_iterations is not None and max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1 or None, got {max_iterations}")
+        self.model = model if sites(model) else convert(model)
+        unknown = sorted(set(protect) - set(sites(self.model)))
+        if unknown:
+            raise KeyError(f"cannot protect unknown sites {unknown}; the model's sites are {list(sites(self.model))}")
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.example_input = example_input
+        self.budget, self.recipe, self.train_fn = float(budget), recipe or Recipe(), train_fn
+        self.protect, self.aggregate = tuple(protect), aggregate
+        self.measure_batches, self.measure_train_mode = measure_batches, measure_train_mode
+        self.max_iterations, self.fold_aware, self.fold_tolerance = max_iterations, fold_aware, fold_tolerance
+        self.latency, self.device, self.seed, self.progress = latency, device, seed, progress
+        settings = {
+            "budget": self.budget, "recipe": None if train_fn else self.recipe.as_dict(), "train_fn": getattr(train_fn, "__qualname__", None),
+            "protect": list(self.protect), "aggregate": aggregate, "measure_batches": measure_batches,
+            "measure_train_mode": measure_train_mode, "max_iterations": max_iterations, "fold_aware": fold_aware,
+            "fold_tolerance": fold_tolerance, "seed": seed, "sites": list(sites(self.model)), **(config or {}),
+        }
+        self.run_dir = RunDir(run_dir, settings, resume=resume) if run_dir is not None else None
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> EasierResult:
+        """Runs (or resumes) the schedule.
+
+        Returns:
+            an :class:`EasierResult`.
+        """
+        model, trajectory = self._start()
+        dense = trajectory[0]["val_accuracy"]
+        best = self._best_so_far(trajectory, model)
+        stopped = ""
+        while not stopped:
+            k = len(trajectory)
+            remaining = self._remaining(model)
+            if not remaining:
+                stopped = "no site left"
+                break
+            if self.max_iterations is not None and k > self.max_iterations:
+                stopped = f"reached max_iterations={self.max_iterations}"
+                break
+            t0 = time.perf_counter()
+            candidate = copy.deepcopy(model)
+            entropies = self._measure(candidate, k)
+            chosen = self._choose(candidate, entropies)
+            linearize(candidate, chosen)
+            try:
+                history = self._finetune(candidate)
+            except NonFiniteLossError as e:
+                stopped = f"iteration {k}: {e}; kept the last good checkpoint"
+                break
+            accuracy = evaluate(candidate, self.val_loader, device=self.device)
+            log = self._log(k, candidate, chosen, entropies, history, accuracy, time.perf_counter() - t0, trajectory)
+            trajectory.append(log)
+            self._checkpoint(log, candidate)
+            model = candidate
+            if dense - accuracy <= self.budget:
+                best = (log, candidate)
+            else:
+                stopped = f"accuracy {accuracy:.2f} dropped {dense - accuracy:.2f} points below dense {dense:.2f} (budget {self.budget})"
+        return self._finish(trajectory, best, stopped)
+
+    def _start(self) -> tuple[nn.Module, list[dict]]:
+        done = self.run_dir.iterations() if self.run_dir is not None else []
+        if done:
+            last = self.run_dir.load_checkpoint(done[-1]["iteration"])
+            set_rng_state(last["rng"])
+            return last["model"], done
+        seed_everything(self.seed)
+        model = copy.deepcopy(self.model)
+        for s in sites(model).values():
+            s.track = False  # finetune and evaluate run torch's kernels; measure_entropy counts
+        accuracy = evaluate(model, self.val_loader, device=self.device)
+        log = self._log(0, model, [], {}, [], accuracy, 0.0, [])
+        self._checkpoint(log, model)
+        return model, [log]
+
+    def _remaining(self, model: nn.Module) -> list[str]:
+        return [n for n, s in sites(model).items() if not s.linearized and n not in self.protect]
+
+    def _measure(self, model: nn.Module, k: int) -> dict[str, float]:
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(10_000 + k)  # a fixed order per iteration, so a resumed run measures the same
+        result = measure_entropy(
+            model, self.train_loader, max_batches=self.measure_batches, train=self.measure_train_mode,
+            aggregate=self.aggregate, device=self.device, progress=self.progress,
+        )
+        return {name: r.entropy for name, r in result.items()}
+
+    def _choose(self, model: nn.Module, entropies: dict[str, float]) -> list[str]:
+        """The lowest-entropy site (fold-aware: a nearly as low one that lets a merge pay) and
+        every site at zero entropy."""
+        candidates = sorted((h, n) for n, h in entropies.items() if n not in self.protect)
+        lowest = candidates[0][1]
+        if self.fold_aware:
+            near = [n for h, n in candidates if h <= candidates[0][0] + self.fold_tolerance]
+            lowest = next((n for n in near if _enables_merge(model, n)), lowest)
+        zero = [n for h, n in candidates if h == 0.0]
+        return [lowest] + [n for n in zero if n != lowest]
+
+    def _finetune(self, model: nn.Module) -> list[dict]:
+        if self.train_fn is not None:
+            self.train_fn(model, self.train_loader)
+            return []
+        return finetune(model, self.train_loader, self.recipe, device=self.device, progress=self.progress)
+
+    def _log(self, k, model, chosen, entropies, history, accuracy, seconds, trajectory) -> dict:
+        folded = fold(model, self.example_input)
+        c = cost(folded, self.example_input, latency=self.latency)
+        linearized = [n for n, s in sites(model).items() if s.linearized]
+        return {
+            "iteration": k, "removed": list(chosen), "linearized": linearized, "entropies": entropies,
+            "finetune": history, "val_accuracy": accuracy, "params": c.params, "macs": c.macs, "depth": c.depth,
+            "latency_s": c.latency_s, "wall_s": seconds,
+        }
+
+    def _checkpoint(self, log: dict, model: nn.Module) -> None:
+        if self.run_dir is not None:
+            self.run_dir.save_iteration(log, {"model": model, "rng": rng_state()})
+
+    def _best_so_far(self, trajectory: list[dict], last: nn.Module) -> tuple[dict, nn.Module]:
+        """The iteration with the most sites removed within the budget, and its model."""
+        dense = trajectory[0]["val_accuracy"]
+        within = [log for log in trajectory if dense - log["val_accuracy"] <= self.budget]
+        log = max(within, key=lambda log: (len(log["linearized"]), log["val_accuracy"]))
+        if log is trajectory[-1]:
+            return log, last
+        return log, self.run_dir.load_checkpoint(log["iteration"])["model"]
+
+    def _dense_model(self) -> nn.Module:
+        return self.run_dir.load_checkpoint(0)["model"] if self.run_dir is not None else self.model
+
+    def _finish(self, trajectory: list[dict], best: tuple[dict, nn.Module], stopped: str) -> EasierResult:
+        log, linearized = best
+        folded = fold(linearized, self.example_input)
+        before = cost(fold(self._dense_model(), self.example_input), self.example_input, latency=self.latency)
+        after = cost(folded, self.example_input, latency=self.latency)
+        removed = [n for entry in trajectory[1 : log["iteration"] + 1] for n in entry["removed"]]
+        result = EasierResult(folded, linearized, removed, trajectory[0]["val_accuracy"], log["val_accuracy"], before, after, trajectory, stopped)
+        if self.run_dir is not None:
+            self.run_dir.save_model("final_folded.pt", folded)
+            self.run_dir.save_model("final_linearized.pt", linearized)
+            self.run_dir.write_json("summary.json", summary(result))
+        return result
+
+
+def summary(result: EasierResult) -> dict:
+    """The run's outcome as JSON-able data."""
+    return {
+        "dense_accuracy": result.dense_accuracy, "accuracy": result.accuracy, "removed": result.removed,
+        "before": result.before.as_dict(), "after": result.after.as_dict(), "stopped": result.stopped,
+    }
+
+
+def _enables_merge(model: nn.Module, name: str) -> bool:
+    """Whether linearizing ``name`` would make some conv chain worth merging."""
+    trial = copy.deepcopy(model)
+    s = sites(trial)[name]
+    s.linearize()
+    return bool(move_padding(trial))

@@ -1,0 +1,156 @@
+"""The EASIER schedule: which sites it removes, the budget, checkpoints that resume to the same
+result, refusals, and the CLI end to end on a tiny model."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import easier_ext as ee
+import easier_ext.easier as easier_module
+from easier_ext.easier import EASIER
+from easier_ext.rundir import RunDirError
+from easier_ext.train import NonFiniteLossError, Recipe, finetune
+
+
+def tiny_cnn(num_classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, num_classes),
+    )
+
+
+def tiny_data(n: int = 48, seed: int = 0):
+    """Three classes told apart by which colour channel is brightest: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 3, 6, 6, generator=g) * 0.5
+    x[torch.arange(n), y] += 1.5
+    return TensorDataset(x, y)
+
+
+def loaders():
+    train = DataLoader(tiny_data(48, 0), batch_size=16, shuffle=False)
+    val = DataLoader(tiny_data(24, 1), batch_size=12)
+    return train, val
+
+
+def trained_cnn() -> nn.Module:
+    model = tiny_cnn()
+    finetune(model, loaders()[0], Recipe(epochs=8, lr=0.05, amp=False), progress=False)
+    return model
+
+
+def schedule(model=None, **kwargs) -> EASIER:
+    train, val = loaders()
+    kwargs.setdefault("recipe", Recipe(epochs=1, lr=0.05, amp=False))
+    kwargs.setdefault("budget", 100.0)
+    return EASIER(model or tiny_cnn(), train, val, example_input=torch.randn(2, 3, 6, 6), latency=False, progress=False, **kwargs)
+
+
+def test_removes_the_lowest_entropy_site_each_iteration_and_folds():
+    result = schedule(max_iterations=3).run()
+    logs = result.trajectory
+    assert [log["iteration"] for log in logs] == [0, 1, 2, 3] and "max_iterations" in result.stopped
+    for log in logs[1:]:
+        h = log["entropies"]
+        lowest = min(h.values())
+        assert log["removed"][0] in h and h[log["removed"][0]] == lowest
+        assert all(h[n] == 0.0 for n in log["removed"][1:])  # the others removed with it are at zero
+        assert set(log["removed"]).isdisjoint(set(logs[log["iteration"] - 1]["linearized"]))
+    assert result.removed == logs[-1]["linearized"] or len(result.removed) <= len(logs[-1]["linearized"])
+    # the returned model is the folded linearized one: same outputs, standard layers only
+    x = torch.randn(4, 3, 6, 6)
+    result.linearized.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), result.linearized(x), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, ee.EntropyActivation) for m in result.model.modules())
+    assert result.after.depth <= result.before.depth
+
+
+def test_protected_sites_are_kept():
+    result = schedule(protect=["2", "5"], max_iterations=10).run()
+    assert not {"2", "5"} & set(result.trajectory[-1]["linearized"])
+    assert result.stopped == "no site left"
+
+
+def test_budget_stops_and_keeps_the_last_model_within_it():
+    calls = {"n": 0}
+
+    def ruin_after_first(model, loader):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # the second finetune destroys the classifier
+            with torch.no_grad():
+                model[-1].weight.zero_()
+                model[-1].bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+
+    result = schedule(trained_cnn(), train_fn=ruin_after_first, budget=5.0).run()
+    dense = result.dense_accuracy
+    assert dense > 80
+    assert len(result.trajectory) == 3 and "dropped" in result.stopped
+    assert dense - result.trajectory[2]["val_accuracy"] > 5.0
+    assert result.removed == result.trajectory[1]["removed"] and result.accuracy == result.trajectory[1]["val_accuracy"]
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    full = schedule(max_iterations=3, run_dir=tmp_path / "full").run()
+
+    real = easier_module.finetune
+    calls = {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed mid-iteration
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(easier_module, "finetune", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        schedule(max_iterations=3, run_dir=tmp_path / "crashed").run()
+    assert len(list((tmp_path / "crashed" / "iterations").glob("*.json"))) == 3  # dense + 2 complete
+    monkeypatch.setattr(easier_module, "finetune", real)
+    with pytest.raises(RunDirError, match="pass resume"):
+        schedule(max_iterations=3, run_dir=tmp_path / "crashed").run()
+    resumed = schedule(max_iterations=3, run_dir=tmp_path / "crashed", resume=True).run()
+    assert [log["removed"] for log in resumed.trajectory] == [log["removed"] for log in full.trajectory]
+    assert [log["val_accuracy"] for log in resumed.trajectory] == [log["val_accuracy"] for log in full.trajectory]
+    for (key, a), b in zip(resumed.linearized.state_dict().items(), full.linearized.state_dict().values()):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
+    summary = json.loads((tmp_path / "crashed" / "summary.json").read_text())
+    assert summary["removed"] == full.removed
+
+
+def test_run_dir_of_another_configuration_is_refused(tmp_path):
+    schedule(max_iterations=1, run_dir=tmp_path).run()
+    with pytest.raises(RunDirError, match="another configuration .*budget"):
+        schedule(max_iterations=1, run_dir=tmp_path, budget=2.0, resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = easier_module.finetune
+    calls = {"n": 0}
+
+    def nan_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise NonFiniteLossError(0, 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(easier_module, "finetune", nan_on_second)
+    result = schedule(max_iterations=5, run_dir=tmp_path).run()
+    assert "non-finite" in result.stopped and len(result.trajectory) == 2
+    assert (tmp_path / "checkpoints" / "001.pt").exists() and not (tmp_path / "checkpoints" / "002.pt").exists()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"budget must be .* \[0, 100\]"):
+        schedule(budget=-1)
+    with pytest.raises(KeyError, match="cannot protect unknown sites"):
+        schedule(protect=["nope"])
+    with pytest.raises(ValueError, match="unknown entropy aggregate"):
+        schedule(aggregate="max")
