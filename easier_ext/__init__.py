@@ -3,6 +3,8 @@
 Fused C++/CUDA kernels apply a rectifier and count each neuron's ON states in the same pass
 (:func:`easier_ext.ops.rectify_count`); drop-in modules (:class:`EntropyReLU` and relatives) keep
 the counts; :func:`binary_entropy` and :func:`layer_entropy` turn counts into entropies.
+:func:`convert`, :func:`measure_entropy`, :func:`linearize` and :func:`fold` do the model
+surgery; :class:`EASIER` runs the whole schedule; ``easier-ext`` is its command line.
 """
 
 from easier_ext._extension import build_info
@@ -14,6 +16,8 @@ from easier_ext.linearize import LINEARIZE_MODES, linearize, move_padding
 from easier_ext.fold import FOLD_COSTS, fold
 from easier_ext.costs import Cost, compare, cost
 from easier_ext.models import build_model
+from easier_ext.train import NonFiniteLossError, Recipe, evaluate, finetune
+from easier_ext.easier import EASIER, EasierResult
 from easier_ext.modules import (
     EntropyActivation,
     EntropyGELU,
@@ -29,8 +33,12 @@ __version__ = build_info()["version"]
 __all__ = [
     "AGGREGATES",
     "Cost",
+    "EASIER",
+    "EasierResult",
     "FOLD_COSTS",
     "LINEARIZE_MODES",
+    "NonFiniteLossError",
+    "Recipe",
     "ESTIMATORS",
     "EntropyActivation",
     "EntropyGELU",

@@ -1,0 +1,304 @@
+"""``easier-ext``: the EASIER schedule and its parts from the command line.
+
+Subcommands: ``run`` (the whole job), ``measure`` (site entropies of a model), ``fold`` (merge a
+linearized checkpoint), ``report`` (Markdown summary and plots of a run directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "imagefolder": 224}
+# Training defaults per dataset: quick on the embedded digits (the README's few-minute run);
+# CIFAR and ImageFolder expect longer finetunes (the paper uses 160 epochs on CIFAR-10).
+DATASET_DEFAULTS = {
+    "digits": {"pretrain_epochs": 8, "epochs": 1, "lr": 0.01},
+    "cifar10": {"pretrain_epochs": 60, "epochs": 10, "lr": 0.01},
+    "cifar100": {"pretrain_epochs": 60, "epochs": 10, "lr": 0.01},
+    "imagefolder": {"pretrain_epochs": 30, "epochs": 5, "lr": 0.001},
+}
+SMALL_INPUT_DATASETS = ("digits", "cifar10", "cifar100")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``easier-ext`` command.
+
+    Returns:
+        the process exit status.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        # Bad input: a clear message, not a traceback.
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"easier-ext {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+# -- parser -----------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="easier-ext",
+        description="Make networks shallower: measure rectifier entropy, linearize, finetune, fold (EASIER).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the whole job: train (if needed), linearize within a budget, fold, report",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_args(run)
+    _data_args(run)
+    g = run.add_argument_group("schedule")
+    g.add_argument("--method", choices=["easier"], default="easier", help="the depth-reduction method")
+    g.add_argument("--budget", type=float, default=1.0, help="largest accepted top-1 drop, in points")
+    g.add_argument("--aggregate", choices=["easier", "nepenthe"], default="easier", help="layer entropy aggregate")
+    g.add_argument("--protect", nargs="*", default=[], metavar="SITE", help="sites never linearized")
+    g.add_argument("--measure-batches", type=int, default=None, help="batches per entropy measurement (default: all)")
+    g.add_argument("--max-iterations", type=int, default=None, help="cap on linearize-finetune iterations")
+    g.add_argument("--fold-aware", action="store_true", help="prefer, among near-equal entropies, sites whose removal lets a merge pay")
+    g = run.add_argument_group("training")
+    g.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="train the dense model first for this many epochs (default: 0 with --weights, else digits 8, CIFAR 60, ImageFolder 30)")
+    g.add_argument("--epochs", type=int, default=None, help="finetune epochs after each linearization (default: digits 1, CIFAR 10, ImageFolder 5)")
+    g.add_argument("--lr", type=float, default=None, help="finetune learning rate (default: 0.01; ImageFolder 0.001)")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    g.add_argument("--schedule", choices=["multistep", "cosine", "constant"], default="multistep")
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    g = run.add_argument_group("output")
+    g.add_argument("--run-dir", type=Path, default=Path("runs/easier"), help="logs, checkpoints, final model, plots")
+    g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    g.add_argument("--no-latency", action="store_true", help="skip CPU latency measurements")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(handler=_run)
+
+    measure = sub.add_parser("measure", help="print every site's entropy over a dataset",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_args(measure)
+    _data_args(measure)
+    measure.add_argument("--split", choices=["train", "val"], default="train")
+    measure.add_argument("--aggregate", choices=["easier", "nepenthe"], default="easier")
+    measure.add_argument("--measure-batches", type=int, default=None)
+    measure.add_argument("--train-mode", action="store_true", help="measure in train mode (BatchNorm statistics restored)")
+    measure.add_argument("--quiet", action="store_true")
+    measure.set_defaults(handler=_measure)
+
+    fold = sub.add_parser("fold", help="fold a linearized model (a checkpoint of a run) and report its cost",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fold.add_argument("checkpoint", type=Path, help="a run's checkpoints/NNN.pt or final_linearized.pt")
+    fold.add_argument("--input-shape", type=int, nargs="+", default=[1, 3, 32, 32], help="example input shape")
+    fold.add_argument("--cost", choices=["macs", "latency"], default="macs", help="what decides whether a merge pays")
+    fold.add_argument("--output", type=Path, default=None, help="where to save the folded model (default: next to the checkpoint)")
+    fold.set_defaults(handler=_fold)
+
+    report = sub.add_parser("report", help="render report.md and plots for a run directory")
+    report.add_argument("run_dir", type=Path)
+    report.set_defaults(handler=_report)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="resnet18", help="a torchvision model name, or FILE.py:FUNCTION returning an nn.Module (called with num_classes)")
+    g.add_argument("--small-input", dest="small_input", action="store_true", default=None, help="CIFAR-style stem (default for digits/CIFAR)")
+    g.add_argument("--no-small-input", dest="small_input", action="store_false")
+    g.add_argument("--weights", type=Path, default=None, help="a state_dict (.pt) of the dense model")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", help="digits (embedded), cifar10, cifar100, imagefolder")
+    g.add_argument("--data-root", type=Path, default=None, help="folder of CIFAR or of an ImageFolder (train/ and val/)")
+    g.add_argument("--download", action="store_true", help="download CIFAR into --data-root")
+    g.add_argument("--image-size", type=int, default=None, help="input size (default per dataset: digits 16, CIFAR 32, ImageFolder 224)")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--workers", type=int, default=0)
+
+
+# -- shared setup -----------------------------------------------------------------------------
+def _device(arg: Optional[str]) -> torch.device:
+    if arg:
+        return torch.device(arg)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _init_distributed(device: torch.device) -> None:
+    """Under torchrun (WORLD_SIZE > 1): one process group, nccl on CUDA, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _load_data(args):
+    from easier_ext.data import load_dataset, make_loader
+
+    size = args.image_size or DEFAULT_IMAGE_SIZE.get(args.dataset)
+    train, val, classes = load_dataset(args.dataset, args.data_root, image_size=size, download=args.download, seed=args.seed)
+    train_loader = make_loader(train, args.batch_size, train=True, seed=args.seed, workers=args.workers)
+    val_loader = make_loader(val, args.batch_size, train=False, seed=args.seed, workers=args.workers)
+    return train_loader, val_loader, classes, size
+
+
+def _build_model(args, num_classes: int) -> nn.Module:
+    from easier_ext.models import build_model
+
+    small = args.small_input if args.small_input is not None else args.dataset in SMALL_INPUT_DATASETS
+    if ":" in args.model and args.model.split(":")[0].endswith(".py"):
+        model = _model_from_file(args.model, num_classes)
+    else:
+        model = build_model(args.model, num_classes, small_input=small)
+    if args.weights is not None:
+        if not args.weights.exists():
+            raise FileNotFoundError(f"--weights {args.weights} does not exist")
+        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+    return model
+
+
+def _model_from_file(spec: str, num_classes: int) -> nn.Module:
+    path, _, name = spec.rpartition(":")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--model {spec}: {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ValueError(f"--model {spec}: {path} has no function {name!r}")
+    model = factory(num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"--model {spec}: {name}() returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+# -- subcommands ------------------------------------------------------------------------------
+def _run(args) -> int:
+    from easier_ext.convert import sites
+    from easier_ext.costs import compare
+    from easier_ext.easier import EASIER
+    from easier_ext.rundir import atomic_write, is_main_process, seed_everything
+    from easier_ext.train import Recipe, finetune
+
+    if not 0 <= args.budget <= 100:
+        raise ValueError(f"--budget must be in [0, 100] top-1 points, got {args.budget}")
+    device = _device(args.device)
+    _init_distributed(device)
+    seed_everything(args.seed)
+    train_loader, val_loader, classes, size = _load_data(args)
+    defaults = DATASET_DEFAULTS[args.dataset]
+    epochs = args.epochs if args.epochs is not None else defaults["epochs"]
+    lr = args.lr if args.lr is not None else defaults["lr"]
+    pretrain = args.pretrain_epochs if args.pretrain_epochs is not None else (0 if args.weights else defaults["pretrain_epochs"])
+    model = _build_model(args, classes).to(device)
+    recipe = Recipe(epochs=epochs, lr=lr, optimizer=args.optimizer, schedule=args.schedule,
+                    weight_decay=args.weight_decay, amp=not args.no_amp)
+    config = {"model": args.model, "small_input": args.small_input, "weights": str(args.weights) if args.weights else None,
+              "dataset": args.dataset, "image_size": size, "batch_size": args.batch_size, "method": args.method,
+              "pretrain_epochs": pretrain}
+    pretrained = args.run_dir / "dense.pt"
+    if pretrain and args.resume and pretrained.exists():
+        model.load_state_dict(torch.load(pretrained, map_location=device))
+    elif pretrain:
+        if args.run_dir.exists() and (args.run_dir / "config.json").exists() and not args.resume:
+            raise ValueError(f"{args.run_dir} already holds a run; pass --resume to continue it, or use another --run-dir")
+        finetune(model, train_loader, Recipe(epochs=pretrain, lr=lr * 5 if args.optimizer == "sgd" else lr,
+                                             optimizer=args.optimizer, schedule="cosine", weight_decay=args.weight_decay,
+                                             amp=not args.no_amp), device=device, progress=not args.quiet)
+        if is_main_process():
+            state = model.state_dict()
+            atomic_write(pretrained, lambda f: torch.save(state, f))
+    example = next(iter(val_loader))[0][:2].to(device)
+    schedule = EASIER(model, train_loader, val_loader, example_input=example, budget=args.budget, recipe=recipe,
+                      protect=args.protect, aggregate=args.aggregate, measure_batches=args.measure_batches,
+                      max_iterations=args.max_iterations, fold_aware=args.fold_aware, run_dir=args.run_dir,
+                      resume=args.resume, config=config, latency=not args.no_latency, device=device, seed=args.seed,
+                      progress=not args.quiet)
+    result = schedule.run()
+    if is_main_process():
+        print(_summary_table(result, len(sites(schedule.model))))
+        print(compare(result.before, result.after))
+        try:
+            from easier_ext.report import write_report
+
+            print(f"report: {write_report(args.run_dir)}")
+        except ImportError:
+            pass
+        print(f"folded model: {args.run_dir / 'final_folded.pt'} (loads with torch.load, without easier_ext)")
+    return 0
+
+
+def _summary_table(result, total_sites: int) -> str:
+    b, a = result.before, result.after
+    rows = [
+        ("dense top-1", f"{result.dense_accuracy:.2f} %"),
+        ("final top-1", f"{result.accuracy:.2f} % ({result.accuracy - result.dense_accuracy:+.2f})"),
+        ("sites removed", f"{len(result.removed)}/{total_sites}: {', '.join(result.removed) or '-'}"),
+        ("depth", f"{b.depth} -> {a.depth}"),
+        ("MACs", f"{b.macs / 1e6:.1f} M -> {a.macs / 1e6:.1f} M ({b.macs / max(a.macs, 1):.2f}x fewer)"),
+        ("latency (CPU)", f"{b.latency_s * 1e3:.2f} ms -> {a.latency_s * 1e3:.2f} ms ({b.latency_s / a.latency_s:.2f}x)" if b.latency_s and a.latency_s else "-"),
+        ("stopped", result.stopped or "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _measure(args) -> int:
+    from easier_ext.convert import convert
+    from easier_ext.measure import measure_entropy
+
+    device = _device(args.device)
+    _init_distributed(device)
+    train_loader, val_loader, classes, _ = _load_data(args)
+    model = convert(_build_model(args, classes)).to(device)
+    loader = train_loader if args.split == "train" else val_loader
+    result = measure_entropy(model, loader, max_batches=args.measure_batches, train=args.train_mode,
+                             aggregate=args.aggregate, device=device, progress=not args.quiet)
+    width = max(len(n) for n in result)
+    print(f"{'site':<{width}}  entropy (bits)  neurons  constant")
+    for name, r in result.items():
+        print(f"{name:<{width}}  {r.entropy:14.4f}  {r.neurons.numel():7d}  {'yes' if r.constant else 'no'}")
+    return 0
+
+
+def _fold(args) -> int:
+    from easier_ext.costs import compare, cost
+    from easier_ext.fold import fold
+
+    if not args.checkpoint.exists():
+        raise FileNotFoundError(f"{args.checkpoint} does not exist")
+    loaded = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    model = loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{args.checkpoint} holds a {type(model).__name__}, not a model or a run checkpoint")
+    x = torch.randn(*args.input_shape)
+    folded = fold(model, x, cost=args.cost)
+    out = args.output or args.checkpoint.with_name(args.checkpoint.stem + "_folded.pt")
+    torch.save(folded, out)
+    print(compare(cost(model, x), cost(folded, x)))
+    print(f"folded model: {out}")
+    return 0
+
+
+def _report(args) -> int:
+    from easier_ext.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
