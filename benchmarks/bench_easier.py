@@ -1,0 +1,82 @@
+"""EASIER end to end on the embedded digits: how many rectifier sites go within a 1-point budget,
+and what folding then does to depth, MACs and CPU latency.
+
+For each model (CIFAR-style stems, 16x16 digits): train the dense model, run the schedule with
+``easier-ext run`` (the same code path as the CLI), then time the dense (BatchNorm folded) and the
+returned folded model on a batch of 128 in interleaved rounds.
+
+Run: python benchmarks/bench_easier.py [--models resnet18 vgg16_bn mobilenet_v2] [--out runs/bench_easier]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from easier_ext.cli import main as cli
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import machine, paired_ratio, sample_calls  # noqa: E402
+
+MODELS = ("resnet18", "vgg16_bn", "mobilenet_v2")
+
+
+def latency(run_dir: Path, batch: int, rounds: int, size: int) -> tuple[float, float, float]:
+    """Median seconds of the dense and the folded model on one batch, and the paired speedup."""
+    from easier_ext.fold import fold
+
+    dense = torch.load(run_dir / "checkpoints" / "000.pt", weights_only=False)["model"]
+    folded = torch.load(run_dir / "final_folded.pt", weights_only=False)
+    x = torch.randn(batch, 3, size, size)
+    dense = fold(dense, x[:2])  # what one would deploy without EASIER: BatchNorm folded too
+
+    def forward(m):
+        def run(x):
+            with torch.no_grad():
+                return m(x)
+
+        return run
+
+    samples = sample_calls({"dense": forward(dense), "folded": forward(folded)}, x, "cpu", min_run_time=0, min_rounds=rounds)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return med["dense"], med["folded"], 1 / paired_ratio(samples, "folded", "dense")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_easier"))
+    parser.add_argument("--budget", type=float, default=1.0)
+    parser.add_argument("--batch", type=int, default=128, help="batch of the latency measurement")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--resume", action="store_true", help="continue runs already in --out")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {machine('cpu')}, digits 16x16, budget {args.budget} point(s)\n", flush=True)
+    rows = []
+    for name in args.models:
+        run_dir = args.out / name
+        status = cli(["run", "--model", name, "--budget", str(args.budget), "--run-dir", str(run_dir), "--quiet", "--no-latency"]
+                     + (["--resume"] if args.resume and run_dir.exists() else []))
+        if status != 0:
+            sys.exit(f"easier-ext run failed for {name}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        config = json.loads((run_dir / "config.json").read_text())
+        t_dense, t_folded, speedup = latency(run_dir, args.batch, args.rounds, config["image_size"])
+        rows.append((name, summary, len(config["sites"]), t_dense, t_folded, speedup))
+
+    print("\n| model | dense top-1 | final top-1 | sites removed | depth | MACs/image | CPU latency, batch %d | speedup (paired) |" % args.batch)
+    print("|---|---|---|---|---|---|---|---|")
+    for name, s, n, t_dense, t_folded, speedup in rows:
+        b, a = s["before"], s["after"]
+        print(f"| {name} | {s['dense_accuracy']:.2f} | {s['accuracy']:.2f} | {len(s['removed'])}/{n} | {b['depth']} -> {a['depth']} "
+              f"| {b['macs'] / 2 / 1e6:.1f} M -> {a['macs'] / 2 / 1e6:.1f} M | {t_dense * 1e3:.1f} ms -> {t_folded * 1e3:.1f} ms | {speedup:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
