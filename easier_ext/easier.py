@@ -15,7 +15,7 @@ from easier_ext.convert import convert, sites
 from easier_ext.costs import Cost, cost
 from easier_ext.entropy import AGGREGATES
 from easier_ext.fold import fold
-from easier_ext.linearize import linearize, move_padding
+from easier_ext.linearize import linearize, mergeable_layers
 from easier_ext.measure import measure_entropy
 from easier_ext.rundir import RunDir, rng_state, seed_everything, set_rng_state
 from easier_ext.train import NonFiniteLossError, Recipe, evaluate, finetune
@@ -273,8 +273,7 @@ def summary(result: EasierResult) -> dict:
 
 
 def _enables_merge(model: nn.Module, name: str) -> bool:
-    """Whether linearizing ``name`` would make some conv chain worth merging."""
+    """Whether linearizing ``name`` would let more layers be merged away."""
     trial = copy.deepcopy(model)
-    s = sites(trial)[name]
-    s.linearize()
-    return bool(move_padding(trial))
+    sites(trial)[name].linearize()
+    return mergeable_layers(trial) > mergeable_layers(model)

@@ -15,7 +15,7 @@ from easier_ext.chains import find_chains, plan_segments
 from easier_ext.convert import site as find_site
 from easier_ext.modules import EntropyActivation
 
-__all__ = ["LINEARIZE_MODES", "linearize", "move_padding"]
+__all__ = ["LINEARIZE_MODES", "linearize", "mergeable_layers", "move_padding"]
 
 #: ``"identity"``: the site passes its input through (EASIER). ``"mask"``: the site multiplies each
 #: neuron by its constant slope (1 when always ON, the OFF slope when always OFF), exact on the
@@ -82,28 +82,45 @@ def move_padding(model: nn.Module) -> list[str]:
     Returns:
         the qualified names of the convs whose padding changed.
     """
+    names = {id(m): n for n, m in model.named_modules()}
+    moved = []
+    for layers in _runs_that_pay(model):
+        if isinstance(layers[0], nn.Linear) or not _can_move(layers):
+            continue
+        for k in range(len(layers) - 1, 0, -1):
+            before, after = layers[k - 1], layers[k]
+            if any(after.padding):
+                before.padding = tuple(p + s * q for p, s, q in zip(before.padding, before.stride, after.padding))
+                after.padding = (0,) * len(after.padding)
+                moved += [names[id(after)], names[id(before)]]
+    return list(dict.fromkeys(moved))
+
+
+def mergeable_layers(model: nn.Module) -> int:
+    """How many layers merging would remove, by the MACs model, were padding where it must be.
+
+    Args:
+        model: a converted model, traceable by torch.fx.
+
+    Returns:
+        the number of conv/linear layers that runs worth merging would fold away (0 when the
+        model cannot be traced).
+    """
+    return sum(len(layers) - 1 for layers in _runs_that_pay(model))
+
+
+def _runs_that_pay(model: nn.Module) -> list:
+    """The runs of layers (with linearized sites, BatchNorm, dropout between) worth merging."""
     try:
         graph = FoldTracer().trace(model)
     except Exception as e:  # fx raises many types
-        warnings.warn(f"torch.fx could not trace {type(model).__name__} ({e}); no padding was moved, so folding may refuse some chains", stacklevel=2)
+        warnings.warn(f"torch.fx could not trace {type(model).__name__} ({e}); cannot plan merges, so no padding is moved", stacklevel=3)
         return []
-    names = {id(m): n for n, m in model.named_modules()}
-    moved = []
+    runs = []
     for chain in find_chains(graph, model, _transparent(model)):
-        if not chain.layers or isinstance(chain.layers[0], nn.Linear):
-            continue
         segments, _, _ = plan_segments(chain.layers, exact_only=False)
-        for start, stop in segments:
-            convs = chain.layers[start:stop]
-            if not _can_move(convs):
-                continue
-            for k in range(len(convs) - 1, 0, -1):
-                before, after = convs[k - 1], convs[k]
-                if any(after.padding):
-                    before.padding = tuple(p + s * q for p, s, q in zip(before.padding, before.stride, after.padding))
-                    after.padding = (0,) * len(after.padding)
-                    moved += [names[id(after)], names[id(before)]]
-    return list(dict.fromkeys(moved))
+        runs += [chain.layers[start:stop] for start, stop in segments if stop - start > 1]
+    return runs
 
 
 def _can_move(convs) -> bool:

@@ -154,3 +154,61 @@ def test_bad_arguments():
         schedule(protect=["nope"])
     with pytest.raises(ValueError, match="unknown entropy aggregate"):
         schedule(aggregate="max")
+
+
+def test_fold_aware_prefers_a_site_whose_removal_lets_a_merge_pay(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 1), nn.ReLU(),  # "1": between two 1x1 convs: 3*32 + 32*4 MACs merge into 3*4
+        nn.Conv2d(32, 4, 1), nn.ReLU(),  # "3": before the pooling: removing it merges nothing
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )
+    measured = {"1": 0.50, "3": 0.49}
+    plain = schedule(model)
+    aware = schedule(model, fold_aware=True, fold_tolerance=0.02)
+    converted = ee.convert(model)
+    assert plain._choose(converted, measured) == ["3"]
+    assert aware._choose(converted, measured) == ["1"]
+    assert schedule(model, fold_aware=True, fold_tolerance=0.001)._choose(converted, measured) == ["3"]
+    # zero-entropy sites go with the chosen one
+    assert plain._choose(converted, {"1": 0.0, "3": 0.2}) == ["1"]
+
+
+def bn_free_cnn() -> nn.Module:
+    """Without BatchNorm, DDP on 2 ranks computes what one process does on the same global batches."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )
+
+
+def _easier_sites_chosen(per_rank_batch: int) -> list:
+    from easier_ext.data import make_loader
+
+    train = make_loader(tiny_data(48, 0), per_rank_batch, train=True, seed=0)
+    val = make_loader(tiny_data(24, 1), 12, train=False)
+    result = EASIER(bn_free_cnn(), train, val, example_input=torch.randn(2, 3, 6, 6), budget=100.0, max_iterations=3,
+                    recipe=Recipe(epochs=1, lr=0.05, amp=False), latency=False, progress=False).run()
+    return [(log["removed"], round(log["val_accuracy"], 6)) for log in result.trajectory]
+
+
+def _ddp_easier_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.save(_easier_sites_chosen(8), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_choose_the_same_sites_as_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_easier_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = _easier_sites_chosen(16)
+    assert ranks[0] == ranks[1]
+    assert [removed for removed, _ in ranks[0]] == [removed for removed, _ in single]
+    assert [acc for _, acc in ranks[0]] == [acc for _, acc in single]
