@@ -1,7 +1,7 @@
 """EASIER end to end on the embedded digits: how many rectifier sites go within a 1-point budget,
 and what folding then does to depth, MACs and CPU latency.
 
-For each model (CIFAR-style stems, 16x16 digits): train the dense model, run the schedule with
+For each model (CIFAR-style stems, digits at 16x16; 32x32 for VGG, whose five max-pools need it): train the dense model, run the schedule with
 ``easier-ext run`` (the same code path as the CLI), then time the dense (BatchNorm folded) and the
 returned folded model on a batch of 128 in interleaved rounds.
 
@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import machine, paired_ratio, sample_calls  # noqa: E402
 
 MODELS = ("resnet18", "vgg16_bn", "mobilenet_v2")
+IMAGE_SIZE = {"vgg16_bn": 32}  # five max-pools: 16x16 would pool to nothing
 
 
 def latency(run_dir: Path, batch: int, rounds: int, size: int) -> tuple[float, float, float]:
@@ -61,7 +62,8 @@ def main(argv=None) -> None:
     rows = []
     for name in args.models:
         run_dir = args.out / name
-        status = cli(["run", "--model", name, "--budget", str(args.budget), "--run-dir", str(run_dir), "--quiet", "--no-latency"]
+        size = ["--image-size", str(IMAGE_SIZE[name])] if name in IMAGE_SIZE else []
+        status = cli(["run", "--model", name, "--budget", str(args.budget), "--run-dir", str(run_dir), "--quiet", "--no-latency", *size]
                      + (["--resume"] if args.resume and run_dir.exists() else []))
         if status != 0:
             sys.exit(f"easier-ext run failed for {name}")

@@ -148,16 +148,11 @@ class EASIER:
         model, trajectory = self._start()
         dense = trajectory[0]["val_accuracy"]
         best = self._best_so_far(trajectory, model)
-        stopped = ""
-        while not stopped:
+        while True:
+            stopped = self._stop_reason(model, trajectory)
+            if stopped:
+                break
             k = len(trajectory)
-            remaining = self._remaining(model)
-            if not remaining:
-                stopped = "no site left"
-                break
-            if self.max_iterations is not None and k > self.max_iterations:
-                stopped = f"reached max_iterations={self.max_iterations}"
-                break
             t0 = time.perf_counter()
             candidate = copy.deepcopy(model)
             entropies = self._measure(candidate, k)
@@ -175,8 +170,6 @@ class EASIER:
             model = candidate
             if dense - accuracy <= self.budget:
                 best = (log, candidate)
-            else:
-                stopped = f"accuracy {accuracy:.2f} dropped {dense - accuracy:.2f} points below dense {dense:.2f} (budget {self.budget})"
         return self._finish(trajectory, best, stopped)
 
     def _start(self) -> tuple[nn.Module, list[dict]]:
@@ -193,6 +186,17 @@ class EASIER:
         log = self._log(0, model, [], {}, [], accuracy, 0.0, [])
         self._checkpoint(log, model)
         return model, [log]
+
+    def _stop_reason(self, model: nn.Module, trajectory: list[dict]) -> str:
+        """Why the loop ends before another iteration ("" to go on); also right after a resume."""
+        dense, accuracy = trajectory[0]["val_accuracy"], trajectory[-1]["val_accuracy"]
+        if dense - accuracy > self.budget:
+            return f"accuracy {accuracy:.2f} dropped {dense - accuracy:.2f} points below dense {dense:.2f} (budget {self.budget})"
+        if not self._remaining(model):
+            return "no site left"
+        if self.max_iterations is not None and len(trajectory) > self.max_iterations:
+            return f"reached max_iterations={self.max_iterations}"
+        return ""
 
     def _remaining(self, model: nn.Module) -> list[str]:
         return [n for n, s in sites(model).items() if not s.linearized and n not in self.protect]

@@ -97,6 +97,19 @@ def test_budget_stops_and_keeps_the_last_model_within_it():
     assert result.removed == result.trajectory[1]["removed"] and result.accuracy == result.trajectory[1]["val_accuracy"]
 
 
+def test_resuming_a_finished_run_adds_no_iteration(tmp_path):
+    def ruin(model, loader):
+        with torch.no_grad():
+            model[-1].weight.zero_()
+            model[-1].bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+
+    model = trained_cnn()
+    first = schedule(model, train_fn=ruin, budget=5.0, run_dir=tmp_path).run()
+    assert len(first.trajectory) == 2 and "dropped" in first.stopped and first.removed == []
+    again = schedule(model, train_fn=ruin, budget=5.0, run_dir=tmp_path, resume=True).run()
+    assert len(again.trajectory) == 2 and again.stopped == first.stopped and again.removed == []
+
+
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     full = schedule(max_iterations=3, run_dir=tmp_path / "full").run()
 
