@@ -169,6 +169,22 @@ def _build_model(args, num_classes: int) -> nn.Module:
     return model
 
 
+def _check_runs_on(model: nn.Module, loader, args) -> None:
+    """One image through the model, so that a size the model cannot take fails here, clearly."""
+    x = next(iter(loader))[0][:1]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x.to(next(model.parameters()).device))
+    except RuntimeError as e:
+        raise ValueError(
+            f"--model {args.model} cannot run on {tuple(x.shape[1:])} inputs of {args.dataset} ({str(e).splitlines()[0]}); "
+            "pass a larger --image-size (e.g. 32 for VGG's five max-pools)"
+        ) from e
+    finally:
+        model.train(was_training)
+
+
 def _model_from_file(spec: str, num_classes: int) -> nn.Module:
     path, _, name = spec.rpartition(":")
     if not Path(path).exists():
@@ -204,6 +220,7 @@ def _run(args) -> int:
     lr = args.lr if args.lr is not None else defaults["lr"]
     pretrain = args.pretrain_epochs if args.pretrain_epochs is not None else (0 if args.weights else defaults["pretrain_epochs"])
     model = _build_model(args, classes).to(device)
+    _check_runs_on(model, val_loader, args)
     recipe = Recipe(epochs=epochs, lr=lr, optimizer=args.optimizer, schedule=args.schedule,
                     weight_decay=args.weight_decay, amp=not args.no_amp)
     config = {"model": args.model, "small_input": args.small_input, "weights": str(args.weights) if args.weights else None,
@@ -263,7 +280,9 @@ def _measure(args) -> int:
     device = _device(args.device)
     _init_distributed(device)
     train_loader, val_loader, classes, _ = _load_data(args)
-    model = convert(_build_model(args, classes)).to(device)
+    model = _build_model(args, classes).to(device)
+    _check_runs_on(model, val_loader, args)
+    model = convert(model)
     loader = train_loader if args.split == "train" else val_loader
     result = measure_entropy(model, loader, max_batches=args.measure_batches, train=args.train_mode,
                              aggregate=args.aggregate, device=device, progress=not args.quiet)

@@ -84,6 +84,7 @@ def test_measure_and_fold_and_report(model_file, tmp_path, capsys):
         (["run", "--budget", "150", "--quiet"], r"--budget must be in \[0, 100\]"),
         (["run", "--dataset", "cifar10", "--data-root", "/nonexistent/cifar", "--quiet"], "/nonexistent/cifar"),
         (["fold", "/nonexistent/ckpt.pt"], "does not exist"),
+        (["run", "--model", "vgg11", "--image-size", "8", "--quiet"], r"cannot run on \(3, 8, 8\) inputs of digits .*--image-size"),
     ],
 )
 def test_bad_input_gives_a_clear_error(args, message, capsys):
