@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--protect", nargs="*", default=[], metavar="SITE", help="sites never linearized")
     g.add_argument("--measure-batches", type=int, default=None, help="batches per entropy measurement (default: all)")
     g.add_argument("--max-iterations", type=int, default=None, help="cap on linearize-finetune iterations")
+    g.add_argument("--patience", type=int, default=0, help="iterations to go on past the budget before stopping (a later finetune may recover)")
     g.add_argument("--fold-aware", action="store_true", help="prefer, among near-equal entropies, sites whose removal lets a merge pay")
     g = run.add_argument_group("training")
     g.add_argument("--pretrain-epochs", type=int, default=None,
@@ -241,7 +242,7 @@ def _run(args) -> int:
     example = next(iter(val_loader))[0][:2].to(device)
     schedule = EASIER(model, train_loader, val_loader, example_input=example, budget=args.budget, recipe=recipe,
                       protect=args.protect, aggregate=args.aggregate, measure_batches=args.measure_batches,
-                      max_iterations=args.max_iterations, fold_aware=args.fold_aware, run_dir=args.run_dir,
+                      max_iterations=args.max_iterations, patience=args.patience, fold_aware=args.fold_aware, run_dir=args.run_dir,
                       resume=args.resume, config=config, latency=not args.no_latency, device=device, seed=args.seed,
                       progress=not args.quiet)
     result = schedule.run()

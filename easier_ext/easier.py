@@ -76,6 +76,9 @@ class EASIER:
         measure_train_mode: measure in train mode, as the paper does (BatchNorm statistics are
             restored afterwards).
         max_iterations: cap on the iterations.
+        patience: go on for this many iterations past the budget before stopping, since a later
+            finetune can win accuracy back (the paper removes every site and picks the operating
+            point afterwards); the returned model is still the best within the budget.
         fold_aware: among sites within ``fold_tolerance`` bits of the lowest entropy, prefer one
             whose removal lets a merge that pays happen.
         fold_tolerance: see ``fold_aware``.
@@ -103,6 +106,7 @@ class EASIER:
         measure_batches: Optional[int] = None,
         measure_train_mode: bool = True,
         max_iterations: Optional[int] = None,
+        patience: int = 0,
         fold_aware: bool = False,
         fold_tolerance: float = 0.02,
         run_dir=None,
@@ -119,6 +123,8 @@ class EASIER:
             raise ValueError(f"unknown entropy aggregate {aggregate!r}; expected one of {AGGREGATES}")
         if max_iterations is not None and max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1 or None, got {max_iterations}")
+        if not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be an int >= 0, got {patience!r}")
         self.model = model if sites(model) else convert(model)
         unknown = sorted(set(protect) - set(sites(self.model)))
         if unknown:
@@ -128,12 +134,13 @@ class EASIER:
         self.budget, self.recipe, self.train_fn = float(budget), recipe or Recipe(), train_fn
         self.protect, self.aggregate = tuple(protect), aggregate
         self.measure_batches, self.measure_train_mode = measure_batches, measure_train_mode
-        self.max_iterations, self.fold_aware, self.fold_tolerance = max_iterations, fold_aware, fold_tolerance
+        self.max_iterations, self.patience = max_iterations, patience
+        self.fold_aware, self.fold_tolerance = fold_aware, fold_tolerance
         self.latency, self.device, self.seed, self.progress = latency, device, seed, progress
         settings = {
             "budget": self.budget, "recipe": None if train_fn else self.recipe.as_dict(), "train_fn": getattr(train_fn, "__qualname__", None),
             "protect": list(self.protect), "aggregate": aggregate, "measure_batches": measure_batches,
-            "measure_train_mode": measure_train_mode, "max_iterations": max_iterations, "fold_aware": fold_aware,
+            "measure_train_mode": measure_train_mode, "max_iterations": max_iterations, "patience": patience, "fold_aware": fold_aware,
             "fold_tolerance": fold_tolerance, "seed": seed, "sites": list(sites(self.model)), **(config or {}),
         }
         self.run_dir = RunDir(run_dir, settings, resume=resume) if run_dir is not None else None
@@ -190,8 +197,10 @@ class EASIER:
     def _stop_reason(self, model: nn.Module, trajectory: list[dict]) -> str:
         """Why the loop ends before another iteration ("" to go on); also right after a resume."""
         dense, accuracy = trajectory[0]["val_accuracy"], trajectory[-1]["val_accuracy"]
-        if dense - accuracy > self.budget:
-            return f"accuracy {accuracy:.2f} dropped {dense - accuracy:.2f} points below dense {dense:.2f} (budget {self.budget})"
+        recent = trajectory[1:][-(self.patience + 1) :]
+        if len(recent) == self.patience + 1 and all(dense - log["val_accuracy"] > self.budget for log in recent):
+            after = f" for {len(recent)} iterations" if self.patience else ""
+            return f"accuracy {accuracy:.2f} dropped {dense - accuracy:.2f} points below dense {dense:.2f} (budget {self.budget}){after}"
         if not self._remaining(model):
             return "no site left"
         if self.max_iterations is not None and len(trajectory) > self.max_iterations:

@@ -97,6 +97,28 @@ def test_budget_stops_and_keeps_the_last_model_within_it():
     assert result.removed == result.trajectory[1]["removed"] and result.accuracy == result.trajectory[1]["val_accuracy"]
 
 
+def test_patience_goes_on_past_the_budget_and_keeps_the_best_within_it():
+    calls = {"n": 0}
+
+    def ruin_then_recover(model, loader):
+        calls["n"] += 1
+        with torch.no_grad():
+            if calls["n"] == 2:  # iteration 2 ruins the classifier, iteration 3 restores it
+                ruin_then_recover.saved = model[-1].bias.clone()
+                model[-1].bias.copy_(torch.tensor([0.0, 0.0, 100.0]))
+            elif calls["n"] == 3:
+                model[-1].bias.copy_(ruin_then_recover.saved)
+
+    result = schedule(trained_cnn(), train_fn=ruin_then_recover, budget=5.0, patience=1, max_iterations=3).run()
+    accs = [log["val_accuracy"] for log in result.trajectory]
+    assert len(accs) == 4 and accs[0] - accs[2] > 5.0 and accs[0] - accs[3] <= 5.0
+    assert "max_iterations" in result.stopped
+    assert result.removed == [n for log in result.trajectory[1:] for n in log["removed"]]  # iteration 3 is the best
+    calls["n"] = 0
+    stopped = schedule(trained_cnn(), train_fn=ruin_then_recover, budget=5.0, patience=0, max_iterations=3).run()
+    assert len(stopped.trajectory) == 3 and "dropped" in stopped.stopped
+
+
 def test_resuming_a_finished_run_adds_no_iteration(tmp_path):
     def ruin(model, loader):
         with torch.no_grad():
