@@ -57,14 +57,15 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=128, help="batch of the latency measurement")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--resume", action="store_true", help="continue runs already in --out")
+    parser.add_argument("--run-args", default="", help="more easier-ext run options, e.g. '--fold-aware --patience 3'")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {machine('cpu')}, digits 16x16, budget {args.budget} point(s)\n", flush=True)
+    print(f"torch {torch.__version__}, {machine('cpu')}, digits 16x16, budget {args.budget} point(s) {args.run_args}\n", flush=True)
     rows = []
     for name in args.models:
         run_dir = args.out / name
         size = ["--image-size", str(IMAGE_SIZE[name])] if name in IMAGE_SIZE else []
         status = cli(["run", "--model", name, "--budget", str(args.budget), "--run-dir", str(run_dir), "--quiet", "--no-latency", *size]
-                     + (["--resume"] if args.resume and run_dir.exists() else []))
+                     + args.run_args.split() + (["--resume"] if args.resume and run_dir.exists() else []))
         if status != 0:
             sys.exit(f"easier-ext run failed for {name}")
         summary = json.loads((run_dir / "summary.json").read_text())
