@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from easier_ext.cli import main as cli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import machine, paired_ratio, sample_calls  # noqa: E402
+from _timing import compare_models, machine  # noqa: E402
 
 MODELS = ("resnet18", "vgg16_bn", "mobilenet_v2")
 IMAGE_SIZE = {"vgg16_bn": 32}  # five max-pools: 16x16 would pool to nothing
@@ -36,17 +35,7 @@ def latency(run_dir: Path, batch: int, rounds: int, size: int) -> tuple[float, f
     folded = torch.load(run_dir / "final_folded.pt", weights_only=False)
     x = torch.randn(batch, 3, size, size)
     dense = fold(dense, x[:2])  # what one would deploy without EASIER: BatchNorm folded too
-
-    def forward(m):
-        def run(x):
-            with torch.no_grad():
-                return m(x)
-
-        return run
-
-    samples = sample_calls({"dense": forward(dense), "folded": forward(folded)}, x, "cpu", min_run_time=0, min_rounds=rounds)
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    return med["dense"], med["folded"], 1 / paired_ratio(samples, "folded", "dense")
+    return compare_models(dense, folded, x, rounds)
 
 
 def main(argv=None) -> None:

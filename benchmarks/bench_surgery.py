@@ -30,7 +30,7 @@ from torch import nn
 import easier_ext as ee
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import fmt_bytes, machine, paired_ratio, peak_extra_bytes, sample_calls  # noqa: E402
+from _timing import compare_models, fmt_bytes, machine, paired_ratio, peak_extra_bytes, sample_calls  # noqa: E402
 
 MODELS = ("resnet18", "vgg16_bn", "mobilenet_v2")
 
@@ -96,17 +96,8 @@ def surgery(plain: nn.Module, converted: nn.Module, x: torch.Tensor, rounds: int
     folded = ee.fold(model, x[:2])
     before = ee.cost(plain, x, latency=False)
     after = ee.cost(folded, x, latency=False)
-
-    def forward(m):
-        def run(x):
-            with torch.no_grad():
-                return m(x)
-
-        return run
-
-    samples = sample_calls({"before": forward(plain), "after": forward(folded)}, x, "cpu", min_run_time=0, min_rounds=rounds)
-    latency = {k: statistics.median(v) for k, v in samples.items()}
-    return len(lowest), len(entropies), before, after, latency, 1 / paired_ratio(samples, "after", "before")
+    t_before, t_after, speedup = compare_models(plain, folded, x, rounds)
+    return len(lowest), len(entropies), before, after, {"before": t_before, "after": t_after}, speedup
 
 
 def main(argv=None) -> None:

@@ -166,7 +166,7 @@ class Cost:
     def __str__(self) -> str:
         parts = [_si(self.params, " params"), _si(self.macs, "MACs"), f"depth {self.depth}"]
         if self.latency_s is not None:
-            parts.append(_seconds(self.latency_s))
+            parts.append(format_seconds(self.latency_s))
         return ", ".join(parts)
 
     def as_dict(self) -> dict:
@@ -251,7 +251,7 @@ def compare(before: Cost, after: Cost) -> str:
         ("params", _si(before.params), _si(after.params), _ratio(before.params, after.params)),
         ("MACs", _si(before.macs), _si(after.macs), _ratio(before.macs, after.macs)),
         ("depth", str(before.depth), str(after.depth), _ratio(before.depth, after.depth)),
-        ("latency", _seconds(before.latency_s), _seconds(after.latency_s), _ratio(before.latency_s, after.latency_s)),
+        ("latency", format_seconds(before.latency_s), format_seconds(after.latency_s), _ratio(before.latency_s, after.latency_s)),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [row[0].ljust(widths[0]) + "".join("  " + cell.rjust(w) for cell, w in zip(row[1:], widths[1:])) for row in rows]
@@ -411,8 +411,9 @@ def _si(n: int, unit: str = "") -> str:
     return f"{n} {unit.lstrip()}".rstrip()
 
 
-def _seconds(s: float | None) -> str:
-    if s is None:
+def format_seconds(s: float | None) -> str:
+    """``0.00421`` is ``"4.21 ms"``; ``"-"`` for None or a non-finite value (not measured)."""
+    if s is None or not math.isfinite(s):
         return "-"
     for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
         if s >= scale:

@@ -16,7 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from torch.utils.benchmark import Timer
 
 from easier_ext._tracing import trace_model
-from easier_ext.chains import find_chains, plan_segments
+from easier_ext.chains import find_chains, own_macs, plan_segments
 from easier_ext.merge import add_convs, compose_convs, compose_linears
 from easier_ext.modules import EntropyActivation
 
@@ -301,17 +301,13 @@ class _Folder:
             merged = add_convs(conv, other)
         except ValueError:
             return None
-        if other is not None and _macs(merged) > _macs(conv) + _macs(other):
+        if other is not None and own_macs([merged]) > own_macs([conv]) + own_macs([other]):
             return None
         return a, b, merged
 
 
 def _is_layer(m: Optional[nn.Module]) -> bool:
     return isinstance(m, nn.Linear) or (isinstance(m, _ConvNd) and not m.transposed)
-
-
-def _macs(conv: _ConvNd) -> int:
-    return conv.in_channels // conv.groups * conv.out_channels * int(torch.tensor(conv.kernel_size).prod())
 
 
 def _channel_dim_is_last(node: fx.Node) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from easier_ext.costs import format_seconds
 from easier_ext.rundir import atomic_write
 
 __all__ = [
@@ -238,15 +239,6 @@ def _count(n: float | None) -> str:
     return f"{n:g}"
 
 
-def _duration(s: float | None) -> str:
-    if s is None or not math.isfinite(s):
-        return "-"
-    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
-        if s >= scale:
-            return f"{s / scale:.2f} {unit}"
-    return f"{s * 1e9:.0f} ns"
-
-
 def _ratio(before: float | None, after: float | None) -> str:
     if not _positive(before) or after is None:
         return "-"
@@ -259,7 +251,7 @@ def _positive(x: float | None) -> bool:
 
 def _format_cost(key: str, value: float | None) -> str:
     if key == "latency_s":
-        return _duration(value)
+        return format_seconds(value)
     if key == "depth":
         return "-" if value is None else str(value)
     return _count(value)
