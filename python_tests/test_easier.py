@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import easier_ext as ee
-import easier_ext.easier as easier_module
+import easier_ext.schedule as schedule_module
 from easier_ext.easier import EASIER
 from easier_ext.rundir import RunDirError
 from easier_ext.train import NonFiniteLossError, Recipe, finetune
@@ -135,7 +135,7 @@ def test_resuming_a_finished_run_adds_no_iteration(tmp_path):
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     full = schedule(max_iterations=3, run_dir=tmp_path / "full").run()
 
-    real = easier_module.finetune
+    real = schedule_module.finetune
     calls = {"n": 0}
 
     def crash_on_third(*args, **kwargs):
@@ -144,11 +144,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
             raise KeyboardInterrupt  # killed mid-iteration
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(easier_module, "finetune", crash_on_third)
+    monkeypatch.setattr(schedule_module, "finetune", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         schedule(max_iterations=3, run_dir=tmp_path / "crashed").run()
     assert len(list((tmp_path / "crashed" / "iterations").glob("*.json"))) == 3  # dense + 2 complete
-    monkeypatch.setattr(easier_module, "finetune", real)
+    monkeypatch.setattr(schedule_module, "finetune", real)
     with pytest.raises(RunDirError, match="pass resume"):
         schedule(max_iterations=3, run_dir=tmp_path / "crashed").run()
     resumed = schedule(max_iterations=3, run_dir=tmp_path / "crashed", resume=True).run()
@@ -167,7 +167,7 @@ def test_run_dir_of_another_configuration_is_refused(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = easier_module.finetune
+    real = schedule_module.finetune
     calls = {"n": 0}
 
     def nan_on_second(*args, **kwargs):
@@ -176,7 +176,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
             raise NonFiniteLossError(0, 1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(easier_module, "finetune", nan_on_second)
+    monkeypatch.setattr(schedule_module, "finetune", nan_on_second)
     result = schedule(max_iterations=5, run_dir=tmp_path).run()
     assert "non-finite" in result.stopped and len(result.trajectory) == 2
     assert (tmp_path / "checkpoints" / "001.pt").exists() and not (tmp_path / "checkpoints" / "002.pt").exists()
