@@ -1,11 +1,14 @@
-"""EASIER end to end on the embedded digits: how many rectifier sites go within a 1-point budget,
-and what folding then does to depth, MACs and CPU latency.
+"""EASIER and NEPENTHE end to end on the embedded digits, from the same dense model: how many
+rectifier sites go within a 1-point budget, how sparse NEPENTHE leaves the weights, and what
+folding then does to depth, MACs and CPU latency.
 
-For each model (CIFAR-style stems, digits at 16x16; 32x32 for VGG, whose five max-pools need it): train the dense model, run the schedule with
-``easier-ext run`` (the same code path as the CLI), then time the dense (BatchNorm folded) and the
-returned folded model on a batch of 128 in interleaved rounds.
+For each model (CIFAR-style stems, digits at 16x16; 32x32 for VGG, whose five max-pools need it):
+the first method's ``easier-ext run`` trains the dense model and every later method starts from
+those weights (``--weights``), each run through the CLI (the same code path users take); then
+the dense (BatchNorm folded) and the returned folded model are timed on a batch of 128 in
+interleaved rounds.
 
-Run: python benchmarks/bench_easier.py [--models resnet18 vgg16_bn mobilenet_v2] [--out runs/bench_easier]
+Run: python benchmarks/bench_methods.py [--models resnet18 vgg16_bn mobilenet_v2] [--methods easier nepenthe]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import compare_models, machine  # noqa: E402
 
 MODELS = ("resnet18", "vgg16_bn", "mobilenet_v2")
+METHODS = ("easier", "nepenthe")
 IMAGE_SIZE = {"vgg16_bn": 32}  # five max-pools: 16x16 would pool to nothing
 
 
@@ -41,33 +45,41 @@ def latency(run_dir: Path, batch: int, rounds: int, size: int) -> tuple[float, f
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_easier"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_methods"))
     parser.add_argument("--budget", type=float, default=1.0)
     parser.add_argument("--batch", type=int, default=128, help="batch of the latency measurement")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--resume", action="store_true", help="continue runs already in --out")
-    parser.add_argument("--run-args", default="", help="more easier-ext run options, e.g. '--fold-aware --patience 3'")
+    parser.add_argument("--run-args", default="", help="more easier-ext run options for every run, e.g. '--patience 3'")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {machine('cpu')}, digits 16x16, budget {args.budget} point(s) {args.run_args}\n", flush=True)
     rows = []
     for name in args.models:
-        run_dir = args.out / name
-        size = ["--image-size", str(IMAGE_SIZE[name])] if name in IMAGE_SIZE else []
-        status = cli(["run", "--model", name, "--budget", str(args.budget), "--run-dir", str(run_dir), "--quiet", "--no-latency", *size]
-                     + args.run_args.split() + (["--resume"] if args.resume and run_dir.exists() else []))
-        if status != 0:
-            sys.exit(f"easier-ext run failed for {name}")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        config = json.loads((run_dir / "config.json").read_text())
-        t_dense, t_folded, speedup = latency(run_dir, args.batch, args.rounds, config["image_size"])
-        rows.append((name, summary, len(config["sites"]), t_dense, t_folded, speedup))
+        dense_weights = None
+        for method in args.methods:
+            run_dir = args.out / name / method
+            size = ["--image-size", str(IMAGE_SIZE[name])] if name in IMAGE_SIZE else []
+            start = ["--weights", str(dense_weights), "--pretrain-epochs", "0"] if dense_weights else []
+            status = cli(["run", "--model", name, "--method", method, "--budget", str(args.budget), "--run-dir", str(run_dir),
+                          "--quiet", "--no-latency", *size, *start] + args.run_args.split()
+                         + (["--resume"] if args.resume and run_dir.exists() else []))
+            if status != 0:
+                sys.exit(f"easier-ext run --method {method} failed for {name}")
+            dense_weights = dense_weights or run_dir / "dense.pt"
+            summary = json.loads((run_dir / "summary.json").read_text())
+            config = json.loads((run_dir / "config.json").read_text())
+            t_dense, t_folded, speedup = latency(run_dir, args.batch, args.rounds, config["image_size"])
+            rows.append((name, method, summary, len(config["sites"]), t_dense, t_folded, speedup))
 
-    print("\n| model | dense top-1 | final top-1 | sites removed | depth | MACs/image | CPU latency, batch %d | speedup (paired) |" % args.batch)
-    print("|---|---|---|---|---|---|---|---|")
-    for name, s, n, t_dense, t_folded, speedup in rows:
+    print("\n| model | method | dense top-1 | final top-1 | sites removed | sparsity | depth | MACs/image | CPU latency, batch %d | speedup (paired) |" % args.batch)
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, method, s, n, t_dense, t_folded, speedup in rows:
         b, a = s["before"], s["after"]
-        print(f"| {name} | {s['dense_accuracy']:.2f} | {s['accuracy']:.2f} | {len(s['removed'])}/{n} | {b['depth']} -> {a['depth']} "
-              f"| {b['macs'] / 2 / 1e6:.1f} M -> {a['macs'] / 2 / 1e6:.1f} M | {t_dense * 1e3:.1f} ms -> {t_folded * 1e3:.1f} ms | {speedup:.2f}x |")
+        sparse = f"{100 * s['sparsity']:.1f} %" if s.get("sparsity") is not None else "-"
+        print(f"| {name} | {method.upper()} | {s['dense_accuracy']:.2f} | {s['accuracy']:.2f} | {len(s['removed'])}/{n} | {sparse} "
+              f"| {b['depth']} -> {a['depth']} | {b['macs'] / 2 / 1e6:.1f} M -> {a['macs'] / 2 / 1e6:.1f} M "
+              f"| {t_dense * 1e3:.1f} ms -> {t_folded * 1e3:.1f} ms | {speedup:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Fused C++/CUDA kernels apply a rectifier and count each neuron's ON states in th
 (:func:`easier_ext.ops.rectify_count`); drop-in modules (:class:`EntropyReLU` and relatives) keep
 the counts; :func:`binary_entropy` and :func:`layer_entropy` turn counts into entropies.
 :func:`convert`, :func:`measure_entropy`, :func:`linearize` and :func:`fold` do the model
-surgery; :class:`EASIER` runs the whole schedule; ``easier-ext`` is its command line.
+surgery; :class:`EASIER` and :class:`NEPENTHE` run the whole schedules; ``easier-ext`` is its command line.
 """
 
 from easier_ext._extension import build_info
@@ -17,7 +17,10 @@ from easier_ext.fold import FOLD_COSTS, fold
 from easier_ext.costs import Cost, compare, cost
 from easier_ext.models import build_model
 from easier_ext.train import NonFiniteLossError, Recipe, evaluate, finetune
+from easier_ext.schedule import ScheduleResult
 from easier_ext.easier import EASIER, EasierResult
+from easier_ext.nepenthe import NEPENTHE, NepentheResult
+from easier_ext import pruning
 from easier_ext.modules import (
     EntropyActivation,
     EntropyGELU,
@@ -35,6 +38,9 @@ __all__ = [
     "Cost",
     "EASIER",
     "EasierResult",
+    "NEPENTHE",
+    "NepentheResult",
+    "ScheduleResult",
     "FOLD_COSTS",
     "LINEARIZE_MODES",
     "NonFiniteLossError",
@@ -57,6 +63,7 @@ __all__ = [
     "measure_entropy",
     "move_padding",
     "ops",
+    "pruning",
     "site",
     "sites",
 ]

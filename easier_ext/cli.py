@@ -1,7 +1,7 @@
-"""``easier-ext``: the EASIER schedule and its parts from the command line.
+"""``easier-ext``: the EASIER and NEPENTHE schedules and their parts from the command line.
 
-Subcommands: ``run`` (the whole job), ``measure`` (site entropies of a model), ``fold`` (merge a
-linearized checkpoint), ``report`` (Markdown summary and plots of a run directory).
+Subcommands: ``run`` (the whole job, ``--method easier|nepenthe``), ``measure`` (site entropies of
+a model), ``fold`` (merge a linearized checkpoint), ``report`` (Markdown summary and plots of a run directory).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="easier-ext",
-        description="Make networks shallower: measure rectifier entropy, linearize, finetune, fold (EASIER).",
+        description="Make networks shallower: measure rectifier entropy, linearize (EASIER) or prune (NEPENTHE), finetune, fold.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -59,14 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(run)
     _data_args(run)
     g = run.add_argument_group("schedule")
-    g.add_argument("--method", choices=["easier"], default="easier", help="the depth-reduction method")
+    g.add_argument("--method", choices=["easier", "nepenthe"], default="easier",
+                   help="easier: linearize the lowest-entropy site each iteration; nepenthe: entropy-weighted pruning "
+                        "until sites reach zero entropy, then remove those")
     g.add_argument("--budget", type=float, default=1.0, help="largest accepted top-1 drop, in points")
-    g.add_argument("--aggregate", choices=["easier", "nepenthe"], default="easier", help="layer entropy aggregate")
-    g.add_argument("--protect", nargs="*", default=[], metavar="SITE", help="sites never linearized")
+    g.add_argument("--aggregate", choices=["easier", "nepenthe"], default=None,
+                   help="layer entropy aggregate (default: the method's own)")
+    g.add_argument("--zeta", type=float, default=0.5, help="nepenthe: fraction of the remaining eligible weights pruned per iteration")
+    g.add_argument("--protect", nargs="*", default=[], metavar="SITE", help="sites never linearized (nor pruned)")
     g.add_argument("--measure-batches", type=int, default=None, help="batches per entropy measurement (default: all)")
     g.add_argument("--max-iterations", type=int, default=None, help="cap on linearize-finetune iterations")
     g.add_argument("--patience", type=int, default=0, help="iterations to go on past the budget before stopping (a later finetune may recover)")
-    g.add_argument("--fold-aware", action="store_true", help="prefer, among near-equal entropies, sites whose removal lets a merge pay")
+    g.add_argument("--fold-aware", action="store_true", help="easier: prefer, among near-equal entropies, sites whose removal lets a merge pay")
     g = run.add_argument_group("training")
     g.add_argument("--pretrain-epochs", type=int, default=None,
                    help="train the dense model first for this many epochs (default: 0 with --weights, else digits 8, CIFAR 60, ImageFolder 30)")
@@ -77,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     g = run.add_argument_group("output")
-    g.add_argument("--run-dir", type=Path, default=Path("runs/easier"), help="logs, checkpoints, final model, plots")
+    g.add_argument("--run-dir", type=Path, default=None, help="logs, checkpoints, final model, plots (default: runs/METHOD)")
     g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     g.add_argument("--no-latency", action="store_true", help="skip CPU latency measurements")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -207,11 +211,18 @@ def _run(args) -> int:
     from easier_ext.convert import sites
     from easier_ext.costs import compare
     from easier_ext.easier import EASIER
+    from easier_ext.nepenthe import NEPENTHE
     from easier_ext.rundir import atomic_write, is_main_process, seed_everything
     from easier_ext.train import Recipe, finetune
 
     if not 0 <= args.budget <= 100:
         raise ValueError(f"--budget must be in [0, 100] top-1 points, got {args.budget}")
+    if not 0 < args.zeta <= 1:
+        raise ValueError(f"--zeta must be in (0, 1] (the fraction of remaining weights pruned per iteration), got {args.zeta}")
+    if args.fold_aware and args.method != "easier":
+        raise ValueError("--fold-aware applies to --method easier only")
+    args.run_dir = args.run_dir or Path("runs") / args.method
+    aggregate = args.aggregate or args.method
     device = _device(args.device)
     _init_distributed(device)
     seed_everything(args.seed)
@@ -240,11 +251,14 @@ def _run(args) -> int:
             state = model.state_dict()
             atomic_write(pretrained, lambda f: torch.save(state, f))
     example = next(iter(val_loader))[0][:2].to(device)
-    schedule = EASIER(model, train_loader, val_loader, example_input=example, budget=args.budget, recipe=recipe,
-                      protect=args.protect, aggregate=args.aggregate, measure_batches=args.measure_batches,
-                      max_iterations=args.max_iterations, patience=args.patience, fold_aware=args.fold_aware, run_dir=args.run_dir,
-                      resume=args.resume, config=config, latency=not args.no_latency, device=device, seed=args.seed,
-                      progress=not args.quiet)
+    common = dict(example_input=example, budget=args.budget, recipe=recipe, protect=args.protect, aggregate=aggregate,
+                  measure_batches=args.measure_batches, max_iterations=args.max_iterations, patience=args.patience,
+                  run_dir=args.run_dir, resume=args.resume, config=config, latency=not args.no_latency, device=device,
+                  seed=args.seed, progress=not args.quiet)
+    if args.method == "nepenthe":
+        schedule = NEPENTHE(model, train_loader, val_loader, zeta=args.zeta, **common)
+    else:
+        schedule = EASIER(model, train_loader, val_loader, fold_aware=args.fold_aware, **common)
     result = schedule.run()
     if is_main_process():
         print(_summary_table(result, len(sites(schedule.model))))
@@ -256,6 +270,8 @@ def _run(args) -> int:
         except ImportError:
             pass
         print(f"folded model: {args.run_dir / 'final_folded.pt'} (loads with torch.load, without easier_ext)")
+        if result.sparsity is not None:
+            print(f"sparse model: {args.run_dir / schedule.unfolded_name} (pruned weights, before folding)")
     return 0
 
 
@@ -265,6 +281,7 @@ def _summary_table(result, total_sites: int) -> str:
         ("dense top-1", f"{result.dense_accuracy:.2f} %"),
         ("final top-1", f"{result.accuracy:.2f} % ({result.accuracy - result.dense_accuracy:+.2f})"),
         ("sites removed", f"{len(result.removed)}/{total_sites}: {', '.join(result.removed) or '-'}"),
+        *([("sparsity", f"{100 * result.sparsity:.1f} % of the weights feeding sites")] if result.sparsity is not None else []),
         ("depth", f"{b.depth} -> {a.depth}"),
         ("MACs", f"{b.macs / 1e6:.1f} M -> {a.macs / 1e6:.1f} M ({b.macs / max(a.macs, 1):.2f}x fewer)"),
         ("latency (CPU)", f"{b.latency_s * 1e3:.2f} ms -> {a.latency_s * 1e3:.2f} ms ({b.latency_s / a.latency_s:.2f}x)" if b.latency_s and a.latency_s else "-"),

@@ -19,6 +19,7 @@ from easier_ext._tracing import trace_model
 from easier_ext.chains import find_chains, own_macs, plan_segments
 from easier_ext.merge import add_convs, compose_convs, compose_linears
 from easier_ext.modules import EntropyActivation
+from easier_ext.pruning import bake_pruning
 
 __all__ = ["FOLD_COSTS", "fold"]
 
@@ -48,7 +49,8 @@ def fold(model: nn.Module, example_input: Any, *, cost: str = "macs", verify: bo
       tap, or the smaller kernel embedded in the larger).
 
     Args:
-        model: a converted model with linearized sites (any model traceable by torch.fx).
+        model: a converted model with linearized sites (any model traceable by torch.fx); layers
+            pruned with ``torch.nn.utils.prune`` fold with their masks applied.
         example_input: a tensor (or tuple of args) used for shapes, ``"latency"`` timing and the
             check.
         cost: one of :data:`FOLD_COSTS`.
@@ -67,7 +69,7 @@ def fold(model: nn.Module, example_input: Any, *, cost: str = "macs", verify: bo
         raise ValueError(f"unknown fold cost {cost!r}; expected one of {FOLD_COSTS}")
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     original = copy.deepcopy(model).eval()
-    gm = trace_model(copy.deepcopy(model).eval())
+    gm = trace_model(bake_pruning(copy.deepcopy(model)).eval())
     folder = _Folder(gm, args, cost)
     folder.run()
     gm.fold_log = folder.log

@@ -1,0 +1,315 @@
+"""NEPENTHE: the budget split, irrelevance, magnitude pruning whose masks persist, exact
+linearization of zero-entropy sites, the schedule end to end (resume, DDP) and its CLI."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import easier_ext as ee
+import easier_ext.schedule as schedule_module
+from easier_ext.cli import main
+from easier_ext.nepenthe import NEPENTHE
+from easier_ext.pruning import bake_pruning, feeding_layers, irrelevance, prune_magnitude, sparsity, split_budget, weight
+from easier_ext.train import Recipe, finetune
+from test_easier import bn_free_cnn, loaders, tiny_cnn, tiny_data
+
+
+# -- the budget split ---------------------------------------------------------------------------
+def test_split_budget_matches_a_hand_computed_example():
+    # I = (1, 2, 4): S = 7, logits S / I = (7, 3.5, 1.75),
+    # softmax = (0.965761, 0.029163, 0.005068): 100 weights -> 96.58, 2.92, 0.51 -> floors 96, 2, 0,
+    # the 2 units left go to the largest remainders (b .92, a .58): 97, 3, 0.
+    irr = {"a": 1.0, "b": 2.0, "c": 4.0}
+    assert split_budget(100, irr, {"a": 1000, "b": 1000, "c": 1000}) == {"a": 97, "b": 3, "c": 0}
+    # a holds only 50: capped; the other 50 shared by b, c with weights e^3.5 : e^1.75 = 0.851953 : 0.148047,
+    # 42.60 and 7.40 -> 42, 7, the unit left to b.
+    assert split_budget(100, irr, {"a": 50, "b": 1000, "c": 1000}) == {"a": 50, "b": 43, "c": 7}
+    # b's share after a is capped exceeds its 40: capped too, c takes the rest
+    assert split_budget(100, irr, {"a": 50, "b": 40, "c": 1000}) == {"a": 50, "b": 40, "c": 10}
+
+
+def test_split_budget_against_the_formula_on_random_inputs():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 8))
+        irr = {f"s{i}": float(v) for i, v in enumerate(rng.uniform(0.05, 1.0, n))}
+        cap = {k: int(rng.integers(1, 500)) for k in irr}
+        total = int(rng.integers(0, sum(cap.values()) + 1))
+        shares = split_budget(total, irr, cap)
+        assert sum(shares.values()) == total and all(0 <= shares[k] <= cap[k] for k in irr)
+        # where nothing is capped, each share is the softmax share rounded down or up
+        logits = np.array([sum(irr.values()) / irr[k] for k in irr])
+        soft = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        if all(total * p < cap[k] for k, p in zip(irr, soft)):
+            for k, p in zip(irr, soft):
+                assert abs(shares[k] - total * p) < 1.0
+
+
+def test_split_budget_gives_nothing_to_irrelevant_sites_and_refuses_too_much():
+    assert split_budget(10, {"a": 0.0, "b": 0.5}, {"a": 100, "b": 100}) == {"a": 0, "b": 10}
+    with pytest.raises(ValueError, match="cannot prune 101 weights: the eligible sites hold 100"):
+        split_budget(101, {"a": 0.0, "b": 0.5}, {"a": 100, "b": 100})
+
+
+def test_irrelevance_is_entropy_times_the_mean_magnitude_of_nonzero_weights():
+    w = [torch.tensor([0.0, 1.0, -3.0, 0.0]), torch.tensor([[2.0]])]
+    assert irrelevance(0.5, w) == pytest.approx(0.5 * (1 + 3 + 2) / 3)
+    assert irrelevance(0.5, [torch.zeros(3)]) == 0.0
+
+
+# -- which layers feed a site -------------------------------------------------------------------
+def test_feeding_layers_follow_the_graph_through_batchnorm_and_residual_sums():
+    model = ee.convert(ee.build_model("resnet18", num_classes=10, small_input=True))
+    feeds = feeding_layers(model)
+    assert list(feeds) == list(ee.sites(model))
+    assert feeds["relu"] == ["conv1"]
+    # BasicBlock calls self.relu twice: two sites, fed by conv1 and by conv2 (+ the downsample conv)
+    assert feeds["layer1.0.relu"] == ["layer1.0.conv1"] and feeds["layer1.0.relu_1"] == ["layer1.0.conv2"]
+    assert feeds["layer2.0.relu_1"] == ["layer2.0.conv2", "layer2.0.downsample.0"]
+    taken = [layer for layers in feeds.values() for layer in layers]
+    assert len(taken) == len(set(taken)) and "fc" not in taken
+
+
+# -- magnitude pruning and its masks -----------------------------------------------------------
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def mlp_data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 4, generator=g)
+    x[torch.arange(n), y] += 2.0
+    return DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def test_prune_magnitude_zeroes_the_smallest_weights_across_layers():
+    model = mlp()
+    before = [model[i].weight.detach().clone() for i in (0, 2)]
+    prune_magnitude(model, ["0", "2"], 100)
+    # reference: the 100 smallest magnitudes over both layers together
+    flat = torch.cat([w.flatten() for w in before]).abs()
+    threshold = flat.sort().values[99]
+    for i, w0 in zip((0, 2), before):
+        expected = torch.where(w0.abs() <= threshold, torch.zeros_like(w0), w0)
+        torch.testing.assert_close(weight(model[i]), expected, rtol=0, atol=0)
+    assert sum(int((weight(model[i]) == 0).sum()) for i in (0, 2)) == 100
+    # a second call prunes among the weights left
+    prune_magnitude(model, ["0", "2"], 50)
+    assert sum(int((weight(model[i]) == 0).sum()) for i in (0, 2)) == 150
+    with pytest.raises(ValueError, match="cannot prune 1000 weights"):
+        prune_magnitude(model, ["0"], 1000)
+
+
+def test_masks_persist_through_finetuning_deepcopy_and_save_load(tmp_path):
+    model = mlp()
+    prune_magnitude(model, ["2"], 128)
+    pruned = weight(model[2]) == 0
+    kept_before = weight(model[2])[~pruned].clone()
+    finetune(model, mlp_data(), Recipe(epochs=2, lr=0.1, amp=False), progress=False)
+    w = weight(model[2])
+    assert bool((w[pruned] == 0).all()) and not torch.equal(w[~pruned], kept_before)  # trained, zeros kept
+    torch.save(model, tmp_path / "m.pt")
+    for restored in (copy.deepcopy(model), torch.load(tmp_path / "m.pt", weights_only=False)):
+        finetune(restored, mlp_data(), Recipe(epochs=1, lr=0.1, amp=False), progress=False)
+        assert bool((weight(restored[2])[pruned] == 0).all())
+    # a state_dict loads into a model pruned the same way
+    fresh = mlp()
+    prune_magnitude(fresh, ["2"], 128)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(weight(fresh[2]), weight(model[2]))
+    # baked: a plain parameter with the zeros, same outputs
+    x = torch.randn(5, 4)
+    baked = bake_pruning(copy.deepcopy(model))
+    assert not hasattr(baked[2], "weight_mask") and isinstance(baked[2].weight, nn.Parameter)
+    torch.testing.assert_close(baked(x), model(x))
+    assert sparsity(model, ["0", "2"])[1] == {"0": 0.0, "2": 0.5}
+
+
+# -- a site at zero entropy is replaced exactly -------------------------------------------------
+def constant_first_site_mlp() -> nn.Module:
+    """The first ReLU sees 8 always-ON and 8 always-OFF neurons on mlp_data."""
+    model = mlp()
+    with torch.no_grad():  # |w x| < 8 on this data: the bias decides each neuron's sign
+        model[0].bias.copy_(torch.tensor([8.0, -8.0] * 8))
+    return model
+
+
+def test_a_site_at_zero_entropy_is_linearized_exactly_and_its_layers_no_longer_pruned():
+    data = mlp_data()
+    model = ee.convert(constant_first_site_mlp()).eval()
+    x = torch.cat([b[0] for b in data])
+    with torch.no_grad():
+        expected = model(x)
+    nep = NEPENTHE(model, data, data, example_input=x[:2], measure_train_mode=False, latency=False, progress=False)
+    work = copy.deepcopy(nep.model).eval()
+    entropies = nep._measure(work, 1)
+    assert entropies["1"] == 0.0 and entropies["3"] > 0
+    first = weight(work[0]).clone()
+    step = nep._step(work, entropies)
+    assert step["removed"] == ["1"] and ee.sites(work)["1"].linearized
+    assert set(step["pruned"]) == {"3"}  # only the live site's layer lost weights
+    torch.testing.assert_close(weight(work[0]), first, rtol=0, atol=0)
+    # exact on the measured data: only the second layer's pruning changes the outputs, so undo it
+    # by comparing against the same pruned weights with the site's torch ReLU back in place
+    reference = copy.deepcopy(work)
+    ee.sites(reference)["1"].linearized = False
+    with torch.no_grad():
+        torch.testing.assert_close(work(x), reference(x), rtol=0, atol=0)
+        folded = ee.fold(work, x[:2])
+        torch.testing.assert_close(folded(x), work(x), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(expected, work(x))  # the pruning of layer "2" did change the function
+
+
+# -- the schedule ------------------------------------------------------------------------------
+def nepenthe(model=None, **kwargs) -> NEPENTHE:
+    train, val = loaders()
+    kwargs.setdefault("recipe", Recipe(epochs=1, lr=0.05, amp=False))
+    kwargs.setdefault("budget", 100.0)
+    return NEPENTHE(model or tiny_cnn(), train, val, example_input=torch.randn(2, 3, 6, 6), latency=False, progress=False, **kwargs)
+
+
+def test_each_iteration_prunes_zeta_of_the_eligible_weights_and_masks_hold():
+    result = nepenthe(max_iterations=3).run()
+    logs = result.trajectory
+    assert [log["iteration"] for log in logs] == [0, 1, 2, 3] and "max_iterations" in result.stopped
+    assert logs[0]["sparsity"] == 0.0
+    feeds = feeding_layers(ee.convert(tiny_cnn()))
+    sizes = {n: sum(ee.convert(tiny_cnn()).get_submodule(layer).weight.numel() for layer in feeds[n]) for n in feeds}
+    zeros = {n: 0 for n in feeds}
+    for prev, log in zip(logs, logs[1:]):
+        live = [n for n in feeds if n not in log["linearized"]]
+        eligible = sum(sizes[n] - zeros[n] for n in live if log["entropies"][n] > 0)
+        assert sum(log["pruned"].values()) == eligible // 2
+        for n, amount in log["pruned"].items():
+            zeros[n] += amount
+        # what was pruned stays pruned through the finetune: the logged sparsity counts every zero
+        assert log["sparsity"] == pytest.approx(sum(zeros.values()) / sum(sizes.values()))
+        assert log["sparsity"] > prev["sparsity"]
+    assert result.sparsity == logs[-1]["sparsity"]
+    # the returned models: sparse weights baked in, folded equal to it
+    assert not any(hasattr(m, "weight_mask") for m in result.linearized.modules())
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), result.linearized.eval()(x), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, ee.EntropyActivation) for m in result.model.modules())
+
+
+def test_sites_driven_to_zero_entropy_are_removed_and_folded():
+    # aggressive pruning (zeta 0.9): layers empty out, their sites go constant and are linearized
+    result = nepenthe(zeta=0.9, max_iterations=6).run()
+    removed = [n for log in result.trajectory[1:] for n in log["removed"]]
+    assert removed, [log["entropies"] for log in result.trajectory]
+    for log in result.trajectory[1:]:
+        assert all(log["entropies"][n] == 0.0 for n in log["removed"])
+        assert all(n not in log["pruned"] for n in log["removed"])
+    assert result.removed and result.after.depth <= result.before.depth
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    full = nepenthe(max_iterations=3, run_dir=tmp_path / "full").run()
+    real = schedule_module.finetune
+    calls = {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(schedule_module, "finetune", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        nepenthe(max_iterations=3, run_dir=tmp_path / "crashed").run()
+    monkeypatch.setattr(schedule_module, "finetune", real)
+    resumed = nepenthe(max_iterations=3, run_dir=tmp_path / "crashed", resume=True).run()
+    for key in ("removed", "pruned", "sparsity", "val_accuracy"):
+        assert [log.get(key) for log in resumed.trajectory] == [log.get(key) for log in full.trajectory], key
+    for (key, a), b in zip(resumed.linearized.state_dict().items(), full.linearized.state_dict().values()):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
+    summary = json.loads((tmp_path / "crashed" / "summary.json").read_text())
+    assert summary["sparsity"] == full.sparsity
+    sparse = torch.load(tmp_path / "crashed" / "final_sparse.pt", weights_only=False)
+    assert sparsity(sparse, [n for layers in feeding_layers(sparse).values() for n in layers])[0] == pytest.approx(full.sparsity)
+
+
+def test_bad_arguments_and_untraceable_models():
+    for zeta in (0, 1.5, True):
+        with pytest.raises(ValueError, match=r"zeta must be .* in \(0, 1\]"):
+            nepenthe(zeta=zeta)
+    with pytest.raises(KeyError, match="cannot protect unknown sites"):
+        nepenthe(protect=["nope"])
+
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc(x)) if x.sum() > 0 else x
+
+    with pytest.raises(Exception, match="could not trace|cannot be traced|Untraceable|symbolically traced"):
+        NEPENTHE(DataDependent(), [], [], example_input=torch.randn(1, 4), latency=False, progress=False)
+
+
+def test_protected_sites_are_neither_pruned_nor_linearized():
+    result = nepenthe(protect=["2"], zeta=0.9, max_iterations=3).run()
+    feeds = feeding_layers(ee.convert(tiny_cnn()))
+    for log in result.trajectory[1:]:
+        assert "2" not in log["pruned"] and "2" not in log["linearized"]
+        assert all(log["layer_sparsity"][layer] == 0.0 for layer in feeds["2"])
+
+
+def _nepenthe_sites_chosen(per_rank_batch: int) -> list:
+    from easier_ext.data import make_loader
+
+    train = make_loader(tiny_data(48, 0), per_rank_batch, train=True, seed=0)
+    val = make_loader(tiny_data(24, 1), 12, train=False)
+    result = NEPENTHE(bn_free_cnn(), train, val, example_input=torch.randn(2, 3, 6, 6), budget=100.0, max_iterations=2, zeta=0.7,
+                      recipe=Recipe(epochs=1, lr=0.05, amp=False), latency=False, progress=False).run()
+    return [(log["removed"], log.get("pruned"), round(log["val_accuracy"], 6)) for log in result.trajectory]
+
+
+def _ddp_nepenthe_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.save(_nepenthe_sites_chosen(8), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_prune_as_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_nepenthe_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0] == _nepenthe_sites_chosen(16)
+
+
+# -- the command line --------------------------------------------------------------------------
+def test_cli_run_method_nepenthe(tmp_path, capsys):
+    from test_cli import TINY_MODEL, run_args
+
+    (tmp_path / "tiny_model.py").write_text(TINY_MODEL)
+    run_dir = tmp_path / "run"
+    assert main(run_args(f"{tmp_path / 'tiny_model.py'}:tiny", run_dir, "--method", "nepenthe", "--zeta", "0.6")) == 0
+    out = capsys.readouterr().out
+    assert "sparsity" in out and "final_sparse.pt" in out
+    for name in ("final_folded.pt", "final_sparse.pt", "summary.json", "report.md", "plots/sparsity.png"):
+        assert (run_dir / name).exists(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["method"] == "nepenthe" and config["zeta"] == 0.6 and config["aggregate"] == "nepenthe"
+    assert "Sparsity per iteration" in (run_dir / "report.md").read_text()
+    assert main(["run", "--method", "nepenthe", "--fold-aware", "--quiet"]) == 2
+    assert "--fold-aware applies to --method easier only" in capsys.readouterr().err
+    assert main(["run", "--method", "nepenthe", "--zeta", "0", "--quiet"]) == 2
+    assert "--zeta must be in (0, 1]" in capsys.readouterr().err
