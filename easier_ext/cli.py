@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-iterations", type=int, default=None, help="cap on linearize-finetune iterations")
     g.add_argument("--patience", type=int, default=0, help="iterations to go on past the budget before stopping (a later finetune may recover)")
     g.add_argument("--fold-aware", action="store_true", help="easier: prefer, among near-equal entropies, sites whose removal lets a merge pay")
+    g.add_argument("--fold-tolerance", type=float, default=0.02,
+                   help="easier --fold-aware: how many bits above the lowest entropy a site may be and still be preferred")
     g = run.add_argument_group("training")
     g.add_argument("--pretrain-epochs", type=int, default=None,
                    help="train the dense model first for this many epochs (default: 0 with --weights, else digits 8, CIFAR 60, ImageFolder 30)")
@@ -221,6 +223,8 @@ def _run(args) -> int:
         raise ValueError(f"--zeta must be in (0, 1] (the fraction of remaining weights pruned per iteration), got {args.zeta}")
     if args.fold_aware and args.method != "easier":
         raise ValueError("--fold-aware applies to --method easier only")
+    if args.fold_tolerance < 0:
+        raise ValueError(f"--fold-tolerance must be >= 0 bits, got {args.fold_tolerance}")
     args.run_dir = args.run_dir or Path("runs") / args.method
     aggregate = args.aggregate or args.method
     device = _device(args.device)
@@ -258,7 +262,7 @@ def _run(args) -> int:
     if args.method == "nepenthe":
         schedule = NEPENTHE(model, train_loader, val_loader, zeta=args.zeta, **common)
     else:
-        schedule = EASIER(model, train_loader, val_loader, fold_aware=args.fold_aware, **common)
+        schedule = EASIER(model, train_loader, val_loader, fold_aware=args.fold_aware, fold_tolerance=args.fold_tolerance, **common)
     result = schedule.run()
     if is_main_process():
         print(_summary_table(result, len(sites(schedule.model))))

@@ -4,15 +4,14 @@ repeat while the accuracy stays within a budget; then fold."""
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional, Sequence
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from easier_ext.convert import sites
 from easier_ext.linearize import linearize, mergeable_layers
-from easier_ext.schedule import Schedule, ScheduleResult, TrainFn
-from easier_ext.train import Recipe
+from easier_ext.schedule import Schedule, ScheduleResult
 
 __all__ = ["EASIER", "EasierResult"]
 
@@ -31,32 +30,15 @@ class EASIER(Schedule):
     budget is folded and returned.
 
     Args:
-        model: a trained model (converted here when it has no sites yet; not modified).
-        train_loader: batches of ``(input, target)`` for measuring and finetuning.
-        val_loader: batches of ``(input, target)`` for the accuracy.
-        example_input: one input batch for folding and for costs (a small batch keeps it quick).
-        budget: the largest accepted drop in top-1 points, in ``[0, 100]``.
-        recipe: the finetune recipe (:class:`easier_ext.train.Recipe`); ignored with ``train_fn``.
-        train_fn: your own finetune: ``train_fn(model, train_loader)``, called in place of ours.
-        protect: sites never linearized.
-        aggregate: the layer entropy, ``"easier"`` or ``"nepenthe"``.
-        measure_batches: batches per measurement (default: the whole loader).
-        measure_train_mode: measure in train mode, as the paper does (BatchNorm statistics are
-            restored afterwards).
-        max_iterations: cap on the iterations.
-        patience: go on for this many iterations past the budget before stopping, since a later
-            finetune can win accuracy back (the paper removes every site and picks the operating
-            point afterwards); the returned model is still the best within the budget.
+        model, train_loader, val_loader, example_input: see :class:`easier_ext.schedule.Schedule`.
         fold_aware: among sites within ``fold_tolerance`` bits of the lowest entropy, prefer one
             whose removal lets a merge that pays happen.
         fold_tolerance: see ``fold_aware``.
-        run_dir: where logs, checkpoints and the final model go (None: nowhere, no resume).
-        resume: continue the run ``run_dir`` holds.
-        config: extra JSON-able settings that identify the run (e.g. the CLI's model and data).
-        latency: measure the CPU latency of each iteration's folded model.
-        device: where to run (default: the model's device).
-        seed: seeds torch, Python and NumPy at the start.
-        progress: progress bars.
+        **options: the options every schedule takes (see :class:`easier_ext.schedule.Schedule`):
+            ``budget`` (top-1 points, default 1), ``recipe``, ``train_fn``, ``protect``,
+            ``aggregate`` (default ``"easier"``), ``measure_batches``, ``measure_train_mode``,
+            ``max_iterations``, ``patience``, ``run_dir``, ``resume``, ``config``, ``latency``,
+            ``device``, ``seed``, ``progress``.
     """
 
     def __init__(
@@ -66,32 +48,15 @@ class EASIER(Schedule):
         val_loader: Iterable,
         *,
         example_input: torch.Tensor,
-        budget: float = 1.0,
-        recipe: Optional[Recipe] = None,
-        train_fn: Optional[TrainFn] = None,
-        protect: Sequence[str] = (),
-        aggregate: str = "easier",
-        measure_batches: Optional[int] = None,
-        measure_train_mode: bool = True,
-        max_iterations: Optional[int] = None,
-        patience: int = 0,
         fold_aware: bool = False,
         fold_tolerance: float = 0.02,
-        run_dir=None,
-        resume: bool = False,
-        config: Optional[dict] = None,
-        latency: bool = True,
-        device=None,
-        seed: int = 0,
-        progress: bool = True,
+        **options,
     ) -> None:
-        self.fold_aware, self.fold_tolerance = fold_aware, fold_tolerance
-        super().__init__(
-            model, train_loader, val_loader, example_input=example_input, budget=budget, recipe=recipe, train_fn=train_fn,
-            protect=protect, aggregate=aggregate, measure_batches=measure_batches, measure_train_mode=measure_train_mode,
-            max_iterations=max_iterations, patience=patience, run_dir=run_dir, resume=resume, config=config, latency=latency,
-            device=device, seed=seed, progress=progress, settings={"method": "easier", "fold_aware": fold_aware, "fold_tolerance": fold_tolerance},
-        )
+        if isinstance(fold_tolerance, bool) or not isinstance(fold_tolerance, (int, float)) or fold_tolerance < 0:
+            raise ValueError(f"fold_tolerance must be a number of bits >= 0, got {fold_tolerance!r}")
+        self.fold_aware, self.fold_tolerance = fold_aware, float(fold_tolerance)
+        settings = {"method": "easier", "fold_aware": fold_aware, "fold_tolerance": self.fold_tolerance}
+        super().__init__(model, train_loader, val_loader, example_input=example_input, settings=settings, **options)
 
     def _step(self, model: nn.Module, entropies: dict[str, float]) -> dict:
         chosen = self._choose(model, entropies)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 from typing import Iterable, Union
 
-import torch
 import torch.fx as fx
 from torch import nn
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from easier_ext.linearize import linearize
 from easier_ext.pruning import bake_pruning, feeding_layers, irrelevance, prune_magnitude, sparsity, split_budget, weight
-from easier_ext.schedule import Schedule, ScheduleResult, TrainFn
-from easier_ext.train import Recipe
+from easier_ext.schedule import Schedule, ScheduleResult
 
 __all__ = ["NEPENTHE", "NepentheResult"]
 
@@ -42,16 +41,17 @@ class NEPENTHE(Schedule):
     Args:
         model: a trained model (converted here when it has no sites yet; not modified); torch.fx
             must be able to trace it (the layers feeding each site are found from its graph).
-        train_loader, val_loader, example_input, budget, recipe, train_fn, measure_batches,
-        measure_train_mode, max_iterations, patience, run_dir, resume, config, latency, device,
-        seed, progress: as for :class:`easier_ext.EASIER`.
+        train_loader, val_loader, example_input: see :class:`easier_ext.schedule.Schedule`.
         zeta: the fraction of the remaining nonzero eligible weights pruned per iteration, in
             ``(0, 1]`` (the paper's default 0.5: sparsity ``1 - 0.5^i`` after ``i`` iterations).
-        protect: sites never pruned nor linearized.
-        aggregate: the layer entropy, ``"nepenthe"`` (default) or ``"easier"``.
+        **options: the options every schedule takes (see :class:`easier_ext.schedule.Schedule`):
+            ``budget`` (top-1 points, default 1), ``recipe``, ``train_fn``, ``protect`` (sites
+            neither pruned nor linearized), ``aggregate`` (default ``"nepenthe"``),
+            ``measure_batches``, ``measure_train_mode``, ``max_iterations``, ``patience``,
+            ``run_dir``, ``resume``, ``config``, ``latency``, ``device``, ``seed``, ``progress``.
 
     Raises:
-        ValueError: a bad ``zeta``, ``budget``, ``aggregate``, ``max_iterations`` or ``patience``.
+        ValueError: a bad ``zeta``, or a bad common option.
         KeyError: an unknown site in ``protect``.
         RuntimeError: torch.fx cannot trace the model.
     """
@@ -65,33 +65,15 @@ class NEPENTHE(Schedule):
         val_loader: Iterable,
         *,
         example_input: torch.Tensor,
-        budget: float = 1.0,
         zeta: float = 0.5,
-        recipe: Optional[Recipe] = None,
-        train_fn: Optional[TrainFn] = None,
-        protect: Sequence[str] = (),
-        aggregate: str = "nepenthe",
-        measure_batches: Optional[int] = None,
-        measure_train_mode: bool = True,
-        max_iterations: Optional[int] = None,
-        patience: int = 0,
-        run_dir=None,
-        resume: bool = False,
-        config: Optional[dict] = None,
-        latency: bool = True,
-        device=None,
-        seed: int = 0,
-        progress: bool = True,
+        **options,
     ) -> None:
         if isinstance(zeta, bool) or not isinstance(zeta, (int, float)) or not 0 < zeta <= 1:
             raise ValueError(f"zeta must be the fraction of remaining weights pruned per iteration, in (0, 1], got {zeta!r}")
         self.zeta = float(zeta)
-        super().__init__(
-            model, train_loader, val_loader, example_input=example_input, budget=budget, recipe=recipe, train_fn=train_fn,
-            protect=protect, aggregate=aggregate, measure_batches=measure_batches, measure_train_mode=measure_train_mode,
-            max_iterations=max_iterations, patience=patience, run_dir=run_dir, resume=resume, config=config, latency=latency,
-            device=device, seed=seed, progress=progress, settings={"method": "nepenthe", "zeta": self.zeta},
-        )
+        options.setdefault("aggregate", "nepenthe")
+        settings = {"method": "nepenthe", "zeta": self.zeta}
+        super().__init__(model, train_loader, val_loader, example_input=example_input, settings=settings, **options)
         self.feeds = feeding_layers(self.model)
         self.prunable = [layer for layers in self.feeds.values() for layer in layers]
 

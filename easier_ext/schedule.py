@@ -66,8 +66,36 @@ class Schedule:
     nothing left to do, or after ``max_iterations``; the best model within the budget
     (:meth:`_rank`) is folded and returned.
 
-    Args: see :class:`easier_ext.EASIER`; ``settings`` are the method's own options, recorded
-    in the run directory's configuration.
+    Args:
+        model: a trained model (converted here when it has no sites yet; not modified).
+        train_loader: batches of ``(input, target)`` for measuring and finetuning.
+        val_loader: batches of ``(input, target)`` for the accuracy.
+        example_input: one input batch for folding and for costs (a small batch keeps it quick).
+        budget: the largest accepted drop in top-1 points, in ``[0, 100]``.
+        recipe: the finetune recipe (:class:`easier_ext.train.Recipe`); ignored with ``train_fn``.
+        train_fn: your own finetune: ``train_fn(model, train_loader)``, called in place of ours.
+        protect: sites never changed.
+        aggregate: the layer entropy, ``"easier"`` or ``"nepenthe"``.
+        measure_batches: batches per measurement (default: the whole loader).
+        measure_train_mode: measure in train mode, as the papers do (BatchNorm statistics are
+            restored afterwards).
+        max_iterations: cap on the iterations.
+        patience: go on for this many iterations past the budget before stopping, since a later
+            finetune can win accuracy back (the papers run to the end and pick the operating point
+            afterwards); the returned model is still the best within the budget.
+        run_dir: where logs, checkpoints and the final model go (None: nowhere, no resume).
+        resume: continue the run ``run_dir`` holds.
+        config: extra JSON-able settings that identify the run (e.g. the CLI's model and data).
+        latency: measure the CPU latency of each iteration's folded model.
+        device: where to run (default: the model's device).
+        seed: seeds torch, Python and NumPy at the start.
+        progress: progress bars.
+        settings: the method's own options, recorded in the run directory's configuration.
+
+    Raises:
+        ValueError: a bad ``budget``, ``aggregate``, ``max_iterations`` or ``patience``; a run
+            directory of another configuration (:class:`easier_ext.rundir.RunDirError`).
+        KeyError: an unknown site in ``protect``.
     """
 
     #: the unfolded final model's file name in the run directory
@@ -80,23 +108,23 @@ class Schedule:
         val_loader: Iterable,
         *,
         example_input: torch.Tensor,
-        budget: float,
-        recipe: Optional[Recipe],
-        train_fn: Optional[TrainFn],
-        protect: Sequence[str],
-        aggregate: str,
-        measure_batches: Optional[int],
-        measure_train_mode: bool,
-        max_iterations: Optional[int],
-        patience: int,
-        run_dir,
-        resume: bool,
-        config: Optional[dict],
-        latency: bool,
-        device,
-        seed: int,
-        progress: bool,
-        settings: dict,
+        budget: float = 1.0,
+        recipe: Optional[Recipe] = None,
+        train_fn: Optional[TrainFn] = None,
+        protect: Sequence[str] = (),
+        aggregate: str = "easier",
+        measure_batches: Optional[int] = None,
+        measure_train_mode: bool = True,
+        max_iterations: Optional[int] = None,
+        patience: int = 0,
+        run_dir=None,
+        resume: bool = False,
+        config: Optional[dict] = None,
+        latency: bool = True,
+        device=None,
+        seed: int = 0,
+        progress: bool = True,
+        settings: Optional[dict] = None,
     ) -> None:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 100:
             raise ValueError(f"budget must be a drop in top-1 points in [0, 100], got {budget!r}")
@@ -121,7 +149,7 @@ class Schedule:
             "budget": self.budget, "recipe": None if train_fn else self.recipe.as_dict(), "train_fn": getattr(train_fn, "__qualname__", None),
             "protect": list(self.protect), "aggregate": aggregate, "measure_batches": measure_batches,
             "measure_train_mode": measure_train_mode, "max_iterations": max_iterations, "patience": patience,
-            "seed": seed, "sites": list(sites(self.model)), **settings, **(config or {}),
+            "seed": seed, "sites": list(sites(self.model)), **(settings or {}), **(config or {}),
         }
         self.run_dir = RunDir(run_dir, identity, resume=resume) if run_dir is not None else None
 

@@ -1,6 +1,7 @@
 """The EASIER schedule: which sites it removes, the budget, checkpoints that resume to the same
 result, refusals, and the CLI end to end on a tiny model."""
 
+import functools
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import easier_ext as ee
+from testing import on_two_gloo_ranks
 import easier_ext.schedule as schedule_module
 from easier_ext.easier import EASIER
 from easier_ext.rundir import RunDirError
@@ -228,22 +230,9 @@ def _easier_sites_chosen(per_rank_batch: int) -> list:
     return [(log["removed"], round(log["val_accuracy"], 6)) for log in result.trajectory]
 
 
-def _ddp_easier_worker(rank: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        torch.save(_easier_sites_chosen(8), f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_two_ranks_choose_the_same_sites_as_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_easier_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = _easier_sites_chosen(16)
+    ranks = on_two_gloo_ranks(functools.partial(_easier_sites_chosen, 8), tmp_path)
     assert ranks[0] == ranks[1]
+    single = _easier_sites_chosen(16)
     assert [removed for removed, _ in ranks[0]] == [removed for removed, _ in single]
     assert [acc for _, acc in ranks[0]] == [acc for _, acc in single]

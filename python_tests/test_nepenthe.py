@@ -2,16 +2,17 @@
 linearization of zero-entropy sites, the schedule end to end (resume, DDP) and its CLI."""
 
 import copy
+import functools
 import json
 
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import easier_ext as ee
+from testing import on_two_gloo_ranks
 import easier_ext.schedule as schedule_module
 from easier_ext.cli import main
 from easier_ext.nepenthe import NEPENTHE
@@ -276,21 +277,8 @@ def _nepenthe_sites_chosen(per_rank_batch: int) -> list:
     return [(log["removed"], log.get("pruned"), round(log["val_accuracy"], 6)) for log in result.trajectory]
 
 
-def _ddp_nepenthe_worker(rank: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        torch.save(_nepenthe_sites_chosen(8), f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_two_ranks_prune_as_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_nepenthe_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = on_two_gloo_ranks(functools.partial(_nepenthe_sites_chosen, 8), tmp_path)
     assert ranks[0] == ranks[1]
     assert ranks[0] == _nepenthe_sites_chosen(16)
 

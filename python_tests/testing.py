@@ -134,3 +134,22 @@ def make_weight(activation: str, channels: int, dtype, device, per_channel=True,
     g = torch.Generator().manual_seed(seed)
     n = channels if per_channel else 1
     return (torch.rand(n, generator=g, dtype=torch.float64) * 0.5 - 0.1).to(dtype).to(device)
+
+
+def _gloo_rank(rank: int, init_file: str, out_dir: str, fn) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.save(fn(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_gloo_ranks(fn, tmp_path) -> list:
+    """Runs ``fn()`` (a picklable, module-level callable) in 2 processes of one gloo group on the
+    CPU and returns what each rank returned, rank 0 first."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_rank, args=(str(tmp_path / "init"), str(tmp_path), fn), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
