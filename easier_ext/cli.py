@@ -65,14 +65,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=float, default=1.0, help="largest accepted top-1 drop, in points")
     g.add_argument("--aggregate", choices=["easier", "nepenthe"], default=None,
                    help="layer entropy aggregate (default: the method's own)")
-    g.add_argument("--zeta", type=float, default=0.5, help="nepenthe: fraction of the remaining eligible weights pruned per iteration")
+    g.add_argument("--zeta", type=float, default=None,
+                   help="nepenthe: fraction of the remaining eligible weights pruned per iteration (default: 0.5)")
     g.add_argument("--protect", nargs="*", default=[], metavar="SITE", help="sites never linearized (nor pruned)")
     g.add_argument("--measure-batches", type=int, default=None, help="batches per entropy measurement (default: all)")
     g.add_argument("--max-iterations", type=int, default=None, help="cap on linearize-finetune iterations")
     g.add_argument("--patience", type=int, default=0, help="iterations to go on past the budget before stopping (a later finetune may recover)")
     g.add_argument("--fold-aware", action="store_true", help="easier: prefer, among near-equal entropies, sites whose removal lets a merge pay")
-    g.add_argument("--fold-tolerance", type=float, default=0.02,
-                   help="easier --fold-aware: how many bits above the lowest entropy a site may be and still be preferred")
+    g.add_argument("--fold-tolerance", type=float, default=None,
+                   help="easier --fold-aware: how many bits above the lowest entropy a site may be and still be preferred (default: 0.02)")
     g = run.add_argument_group("training")
     g.add_argument("--pretrain-epochs", type=int, default=None,
                    help="train the dense model first for this many epochs (default: 0 with --weights, else digits 8, CIFAR 60, ImageFolder 30)")
@@ -219,12 +220,17 @@ def _run(args) -> int:
 
     if not 0 <= args.budget <= 100:
         raise ValueError(f"--budget must be in [0, 100] top-1 points, got {args.budget}")
-    if not 0 < args.zeta <= 1:
-        raise ValueError(f"--zeta must be in (0, 1] (the fraction of remaining weights pruned per iteration), got {args.zeta}")
-    if args.fold_aware and args.method != "easier":
-        raise ValueError("--fold-aware applies to --method easier only")
-    if args.fold_tolerance < 0:
-        raise ValueError(f"--fold-tolerance must be >= 0 bits, got {args.fold_tolerance}")
+    only = {"easier": ("fold_aware", "fold_tolerance"), "nepenthe": ("zeta",)}
+    for method, options in only.items():
+        for option in options:
+            if args.method != method and getattr(args, option) not in (None, False):
+                raise ValueError(f"--{option.replace('_', '-')} applies to --method {method} only")
+    zeta = 0.5 if args.zeta is None else args.zeta
+    fold_tolerance = 0.02 if args.fold_tolerance is None else args.fold_tolerance
+    if not 0 < zeta <= 1:
+        raise ValueError(f"--zeta must be in (0, 1] (the fraction of remaining weights pruned per iteration), got {zeta}")
+    if fold_tolerance < 0:
+        raise ValueError(f"--fold-tolerance must be >= 0 bits, got {fold_tolerance}")
     args.run_dir = args.run_dir or Path("runs") / args.method
     aggregate = args.aggregate or args.method
     device = _device(args.device)
@@ -260,9 +266,9 @@ def _run(args) -> int:
                   run_dir=args.run_dir, resume=args.resume, config=config, latency=not args.no_latency, device=device,
                   seed=args.seed, progress=not args.quiet)
     if args.method == "nepenthe":
-        schedule = NEPENTHE(model, train_loader, val_loader, zeta=args.zeta, **common)
+        schedule = NEPENTHE(model, train_loader, val_loader, zeta=zeta, **common)
     else:
-        schedule = EASIER(model, train_loader, val_loader, fold_aware=args.fold_aware, fold_tolerance=args.fold_tolerance, **common)
+        schedule = EASIER(model, train_loader, val_loader, fold_aware=args.fold_aware, fold_tolerance=fold_tolerance, **common)
     result = schedule.run()
     if is_main_process():
         print(_summary_table(result, len(sites(schedule.model))))

@@ -55,7 +55,7 @@ class EASIER(Schedule):
         if isinstance(fold_tolerance, bool) or not isinstance(fold_tolerance, (int, float)) or fold_tolerance < 0:
             raise ValueError(f"fold_tolerance must be a number of bits >= 0, got {fold_tolerance!r}")
         self.fold_aware, self.fold_tolerance = fold_aware, float(fold_tolerance)
-        settings = {"method": "easier", "fold_aware": fold_aware, "fold_tolerance": self.fold_tolerance}
+        settings = {"fold_aware": fold_aware, "fold_tolerance": self.fold_tolerance}
         super().__init__(model, train_loader, val_loader, example_input=example_input, settings=settings, **options)
 
     def _step(self, model: nn.Module, entropies: dict[str, float]) -> dict:

@@ -4,10 +4,12 @@ budget among sites, and magnitude pruning whose masks persist (``torch.nn.utils.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Mapping, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
@@ -32,9 +34,10 @@ PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 def feeding_layers(model: nn.Module) -> dict[str, list[str]]:
     """The conv/linear layers whose outputs reach each site with no other layer or site between.
 
-    Walks back from each site through everything that is not a layer (BatchNorm, pooling,
+    Walks back from each site through everything that is not a layer (normalization, pooling,
     residual additions, reshapes, dropout) until it meets a conv/linear layer (taken), a site,
-    or the model's input. A ResNet block's second site is fed by its second conv and, where the
+    another module with weights or a functional conv/linear/matmul (not taken: NEPENTHE prunes
+    conv and linear modules only), or the model's input. A ResNet block's second site is fed by its second conv and, where the
     block has one, its downsample conv. A layer feeding several sites is given to the first in
     execution order, so every layer belongs to one site at most.
 
@@ -62,6 +65,12 @@ def feeding_layers(model: nn.Module) -> dict[str, list[str]]:
     return found
 
 
+# normalization layers have weights but only rescale: the walk looks through them
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+# functional layers: their weights are not a module's, so the walk stops there without taking them
+_FUNCTIONAL_LAYERS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.bilinear, torch.matmul, torch.bmm, torch.mm, operator.matmul}
+
+
 def _feeders(gm: fx.GraphModule, site: fx.Node) -> set[fx.Node]:
     found, seen, stack = set(), set(), list(site.all_input_nodes)
     while stack:
@@ -74,9 +83,9 @@ def _feeders(gm: fx.GraphModule, site: fx.Node) -> set[fx.Node]:
             if isinstance(m, PRUNABLE):
                 found.add(node)
                 continue
-            if isinstance(m, EntropyActivation):
-                continue
-        if node.op in ("placeholder", "get_attr"):
+            if isinstance(m, EntropyActivation) or (not isinstance(m, _NORMS) and any(True for _ in m.parameters())):
+                continue  # another site, or a layer we do not prune (attention, transposed conv)
+        if node.op in ("placeholder", "get_attr") or (node.op == "call_function" and node.target in _FUNCTIONAL_LAYERS):
             continue
         stack.extend(node.all_input_nodes)
     return found

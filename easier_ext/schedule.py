@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -163,6 +164,15 @@ class Schedule:
         """
         raise NotImplementedError
 
+    def _entropies(self, model: nn.Module, trajectory: list[dict]) -> dict[str, float]:
+        """The entropies the next step uses: measured now on ``model``."""
+        return self._measure(model, len(trajectory))
+
+    def _after_finetune(self, model: nn.Module, step: dict, k: int) -> dict:
+        """Changes ``model`` after its finetune, before it is evaluated; returns the step's log
+        entries, updated."""
+        return step
+
     def _state(self, model: nn.Module) -> dict:
         """Log entries describing any model of the run (iteration 0 included)."""
         return {}
@@ -192,7 +202,7 @@ class Schedule:
             k = len(trajectory)
             t0 = time.perf_counter()
             candidate = copy.deepcopy(model)
-            entropies = self._measure(candidate, k)
+            entropies = self._entropies(candidate, trajectory)
             step = self._step(candidate, entropies)
             if step is None:
                 stopped = f"iteration {k}: nothing left to change"
@@ -202,6 +212,7 @@ class Schedule:
             except NonFiniteLossError as e:
                 stopped = f"iteration {k}: {e}; kept the last good checkpoint"
                 break
+            step = self._after_finetune(candidate, step, k)
             accuracy = evaluate(candidate, self.val_loader, device=self.device)
             log = self._log(k, candidate, step, entropies, history, accuracy, time.perf_counter() - t0)
             trajectory.append(log)
@@ -259,11 +270,13 @@ class Schedule:
         return finetune(model, self.train_loader, self.recipe, device=self.device, progress=self.progress)
 
     def _log(self, k: int, model: nn.Module, step: dict, entropies: dict, history: list, accuracy: float, seconds: float) -> dict:
-        folded = fold(model, self.example_input)
+        with warnings.catch_warnings():  # chains left unmerged are reported by the final fold
+            warnings.simplefilter("ignore")
+            folded = fold(model, self.example_input)
         c = cost(folded, self.example_input, latency=self.latency)
         linearized = [n for n, s in sites(model).items() if s.linearized]
         return {
-            "iteration": k, **step, "linearized": linearized, "entropies": entropies, **self._state(model),
+            "iteration": k, "entropies": entropies, **step, "linearized": linearized, **self._state(model),
             "finetune": history, "val_accuracy": accuracy, "params": c.params, "macs": c.macs, "depth": c.depth,
             "latency_s": c.latency_s, "wall_s": seconds,
         }
@@ -276,7 +289,7 @@ class Schedule:
         """The best iteration within the budget (see :meth:`_rank`), and its model."""
         dense = trajectory[0]["val_accuracy"]
         within = [log for log in trajectory if dense - log["val_accuracy"] <= self.budget]
-        log = max(within, key=self._rank)
+        log = max(reversed(within), key=self._rank)  # the latest of equals, as the loop keeps it
         if log is trajectory[-1]:
             return log, last
         return log, self.run_dir.load_checkpoint(log["iteration"])["model"]

@@ -143,30 +143,40 @@ def constant_first_site_mlp() -> nn.Module:
     return model
 
 
-def test_a_site_at_zero_entropy_is_linearized_exactly_and_its_layers_no_longer_pruned():
-    data = mlp_data()
-    model = ee.convert(constant_first_site_mlp()).eval()
+def constant_first_site_cnn() -> nn.Module:
+    """conv1x1 -> BN -> ReLU (each channel always ON or always OFF) -> padded 3x3 conv -> ..."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )
+    with torch.no_grad():
+        model[1].weight.fill_(0.01)
+        model[1].bias.copy_(torch.tensor([8.0, -8.0] * 4))
+    return model.eval()
+
+
+@pytest.mark.parametrize("build, data", [(constant_first_site_mlp, mlp_data), (constant_first_site_cnn, lambda: loaders()[0])])
+def test_a_site_at_zero_entropy_is_replaced_exactly_and_no_longer_pruned(build, data):
+    data = data()
+    model = ee.convert(build()).eval()
     x = torch.cat([b[0] for b in data])
-    with torch.no_grad():
-        expected = model(x)
-    nep = NEPENTHE(model, data, data, example_input=x[:2], measure_train_mode=False, latency=False, progress=False)
+    nep = NEPENTHE(model, data, data, example_input=x[:2], latency=False, progress=False)
     work = copy.deepcopy(nep.model).eval()
-    entropies = nep._measure(work, 1)
-    assert entropies["1"] == 0.0 and entropies["3"] > 0
-    first = weight(work[0]).clone()
-    step = nep._step(work, entropies)
-    assert step["removed"] == ["1"] and ee.sites(work)["1"].linearized
-    assert set(step["pruned"]) == {"3"}  # only the live site's layer lost weights
-    torch.testing.assert_close(weight(work[0]), first, rtol=0, atol=0)
-    # exact on the measured data: only the second layer's pruning changes the outputs, so undo it
-    # by comparing against the same pruned weights with the site's torch ReLU back in place
-    reference = copy.deepcopy(work)
-    ee.sites(reference)["1"].linearized = False
     with torch.no_grad():
-        torch.testing.assert_close(work(x), reference(x), rtol=0, atol=0)
-        folded = ee.fold(work, x[:2])
-        torch.testing.assert_close(folded(x), work(x), rtol=1e-5, atol=1e-5)
-    assert not torch.equal(expected, work(x))  # the pruning of layer "2" did change the function
+        before = work(x)
+    step = nep._after_finetune(work, {"removed": []}, 1)  # measure (eval mode), replace constant sites
+    assert step["removed"] == ["2" if isinstance(work[0], nn.Conv2d) else "1"]
+    site = ee.sites(work)[step["removed"][0]]
+    assert site.linearized and sorted(set(site.linear_scale.tolist())) == [0.0, 1.0]  # a 0/1 mask
+    assert all(h > 0 for n, h in step["entropies"].items() if n not in step["removed"])
+    with torch.no_grad():
+        torch.testing.assert_close(work(x), before, rtol=0, atol=0)  # exact on the measured data
+    # the next step prunes only the live sites' layers
+    first = weight(work[0]).clone()
+    pruned = nep._step(work, step["entropies"])["pruned"]
+    assert pruned and step["removed"][0] not in pruned
+    torch.testing.assert_close(weight(work[0]), first, rtol=0, atol=0)
 
 
 # -- the schedule ------------------------------------------------------------------------------
@@ -182,18 +192,20 @@ def test_each_iteration_prunes_zeta_of_the_eligible_weights_and_masks_hold():
     logs = result.trajectory
     assert [log["iteration"] for log in logs] == [0, 1, 2, 3] and "max_iterations" in result.stopped
     assert logs[0]["sparsity"] == 0.0
-    feeds = feeding_layers(ee.convert(tiny_cnn()))
-    sizes = {n: sum(ee.convert(tiny_cnn()).get_submodule(layer).weight.numel() for layer in feeds[n]) for n in feeds}
+    model = ee.convert(tiny_cnn())
+    feeds = feeding_layers(model)
+    sizes = {n: sum(model.get_submodule(layer).weight.numel() for layer in feeds[n]) for n in feeds}
     zeros = {n: 0 for n in feeds}
     for prev, log in zip(logs, logs[1:]):
-        live = [n for n in feeds if n not in log["linearized"]]
-        eligible = sum(sizes[n] - zeros[n] for n in live if log["entropies"][n] > 0)
+        # every site still live before the step, and only those, is weighed
+        assert set(log["irrelevance"]) == set(feeds) - set(prev["linearized"])
+        eligible = sum(sizes[n] - zeros[n] for n, i in log["irrelevance"].items() if i > 0)
         assert sum(log["pruned"].values()) == eligible // 2
         for n, amount in log["pruned"].items():
             zeros[n] += amount
         # what was pruned stays pruned through the finetune: the logged sparsity counts every zero
         assert log["sparsity"] == pytest.approx(sum(zeros.values()) / sum(sizes.values()))
-        assert log["sparsity"] > prev["sparsity"]
+        assert log["sparsity"] > prev["sparsity"] and 0 < log["model_sparsity"] < log["sparsity"]
     assert result.sparsity == logs[-1]["sparsity"]
     # the returned models: sparse weights baked in, folded equal to it
     assert not any(hasattr(m, "weight_mask") for m in result.linearized.modules())
@@ -204,14 +216,16 @@ def test_each_iteration_prunes_zeta_of_the_eligible_weights_and_masks_hold():
 
 
 def test_sites_driven_to_zero_entropy_are_removed_and_folded():
-    # aggressive pruning (zeta 0.9): layers empty out, their sites go constant and are linearized
+    # aggressive pruning (zeta 0.9): layers empty out, their sites go constant and are replaced
     result = nepenthe(zeta=0.9, max_iterations=6).run()
-    removed = [n for log in result.trajectory[1:] for n in log["removed"]]
-    assert removed, [log["entropies"] for log in result.trajectory]
-    for log in result.trajectory[1:]:
-        assert all(log["entropies"][n] == 0.0 for n in log["removed"])
-        assert all(n not in log["pruned"] for n in log["removed"])
-    assert result.removed and result.after.depth <= result.before.depth
+    logs = result.trajectory
+    removed = [n for log in logs[1:] for n in log["removed"]]
+    assert removed, [log["entropies"] for log in logs]
+    for prev, log in zip(logs, logs[1:]):
+        assert set(log["removed"]) == set(log["linearized"]) - set(prev["linearized"])
+        assert not set(log["pruned"]) & set(prev["linearized"])  # replaced sites are no longer pruned
+    assert result.removed == removed  # budget 100: the last iteration (most removed, sparsest) is returned
+    assert result.after.params < result.before.params  # merged (or emptied) layers are gone
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -240,23 +254,25 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     assert sparsity(sparse, [n for layers in feeding_layers(sparse).values() for n in layers])[0] == pytest.approx(full.sparsity)
 
 
-def test_bad_arguments_and_untraceable_models():
+def test_bad_arguments_and_untraceable_models(tmp_path):
     for zeta in (0, 1.5, True):
         with pytest.raises(ValueError, match=r"zeta must be .* in \(0, 1\]"):
             nepenthe(zeta=zeta)
     with pytest.raises(KeyError, match="cannot protect unknown sites"):
         nepenthe(protect=["nope"])
 
-    class DataDependent(nn.Module):
-        def __init__(self):
+    class DataDependent(nn.Module):  # converts (its body's activation is swapped), but cannot be traced
+        def __init__(self, body: nn.Module):
             super().__init__()
-            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+            self.body, self.out = body, nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.act(self.fc(x)) if x.sum() > 0 else x
+            h = self.body(x)
+            return self.out(h) if h.sum() > 0 else self.out(-h)
 
-    with pytest.raises(Exception, match="could not trace|cannot be traced|Untraceable|symbolically traced"):
-        NEPENTHE(DataDependent(), [], [], example_input=torch.randn(1, 4), latency=False, progress=False)
+    with pytest.raises(RuntimeError, match="NEPENTHE finds the layers that feed each site from the model's torch.fx graph"):
+        NEPENTHE(DataDependent(nn.Sequential(nn.Linear(4, 4), nn.ReLU())), [], [], example_input=torch.randn(1, 4), run_dir=tmp_path / "run", latency=False, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written for a model it cannot use
 
 
 def test_protected_sites_are_neither_pruned_nor_linearized():
@@ -297,7 +313,8 @@ def test_cli_run_method_nepenthe(tmp_path, capsys):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == "nepenthe" and config["zeta"] == 0.6 and config["aggregate"] == "nepenthe"
     assert "Sparsity per iteration" in (run_dir / "report.md").read_text()
-    assert main(["run", "--method", "nepenthe", "--fold-aware", "--quiet"]) == 2
-    assert "--fold-aware applies to --method easier only" in capsys.readouterr().err
+    for wrong in (["--method", "nepenthe", "--fold-aware"], ["--method", "nepenthe", "--fold-tolerance", "0.1"], ["--zeta", "0.5"]):
+        assert main(["run", *wrong, "--quiet"]) == 2
+        assert "applies to --method" in capsys.readouterr().err
     assert main(["run", "--method", "nepenthe", "--zeta", "0", "--quiet"]) == 2
     assert "--zeta must be in (0, 1]" in capsys.readouterr().err
