@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import re
 import warnings
 from typing import Callable, Mapping, Optional, Union
@@ -13,6 +14,7 @@ from torch import nn
 
 from easier_ext._tracing import (
     RECTIFIER_MODULES,
+    FoldTracer,
     ShallowTracer,
     is_sequential,
     module_from_call,
@@ -89,6 +91,7 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
             f"{type(model).__name__} has no rectifier call site (nn.ReLU, ReLU6, LeakyReLU, PReLU, GELU, SiLU modules, "
             "or F.relu / F.relu6 / F.leaky_relu / F.gelu / F.silu / Tensor.relu calls); nothing to convert"
         )
+    _order_by_execution(model)
     _ignore_counts_in_ddp(model, found)
     return model
 
@@ -285,6 +288,29 @@ def _order_children_by_use(module: nn.Module, graph: fx.Graph) -> None:
             first_use.setdefault(str(node.target).split(".")[0], i)
     order = sorted(module._modules, key=lambda name: first_use.get(name, len(first_use) + 1 + list(module._modules).index(name)))
     module._modules = {name: module._modules[name] for name in order}
+
+
+def _order_by_execution(model: nn.Module) -> None:
+    """Orders every module's children by their first call in the whole model's forward, so that
+    :func:`sites` lists sites in execution order also where a parent that calls no rectifier itself
+    registers its children in another order. Containers whose order is their meaning (Sequential,
+    ModuleList, ModuleDict) keep it; a model torch.fx cannot trace keeps its registration order."""
+    try:
+        graph = FoldTracer().trace(model)
+    except Exception:  # fx raises many types; the order is a nicety, never worth failing for
+        return
+    first: dict[str, int] = {}
+    for i, node in enumerate(graph.nodes):
+        if node.op in ("call_module", "get_attr"):
+            parts = str(node.target).split(".")
+            for depth in range(1, len(parts) + 1):
+                first.setdefault(".".join(parts[:depth]), i)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or not module._modules:
+            continue
+        prefix = f"{name}." if name else ""
+        order = sorted(module._modules, key=lambda child: first.get(prefix + child, math.inf))
+        module._modules = {child: module._modules[child] for child in order}
 
 
 def _ignore_counts_in_ddp(model: nn.Module, found: dict[str, EntropyActivation]) -> None:

@@ -100,3 +100,8 @@ def test_help_lists_the_subcommands(capsys):
     out = capsys.readouterr().out
     for sub in ("run", "measure", "fold", "report"):
         assert sub in out
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--method", "--budget", "--zeta", "--patience", "--fold-aware", "--fold-tolerance", "--resume", "--run-dir"):
+        assert flag in out, flag

@@ -99,6 +99,25 @@ def test_execution_order_differs_from_registration_order():
     assert list(ee.sites(ee.convert(Net()))) == ["act_early", "act_late"]
 
 
+def test_execution_order_across_nested_blocks_registered_in_another_order():
+    def block():
+        return nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    class Net(nn.Module):  # its own forward calls no rectifier: only its children do
+        def __init__(self):
+            super().__init__()
+            self.second, self.first = block(), block()
+
+        def forward(self, x):
+            return self.second(self.first(x))
+
+    net = Net()
+    model = ee.convert(net)
+    assert list(ee.sites(model)) == ["first.1", "second.1"]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+
+
 class Functional(nn.Module):
     def __init__(self):
         super().__init__()
