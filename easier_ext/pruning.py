@@ -35,11 +35,13 @@ def feeding_layers(model: nn.Module) -> dict[str, list[str]]:
     """The conv/linear layers whose outputs reach each site with no other layer or site between.
 
     Walks back from each site through everything that is not a layer (normalization, pooling,
-    residual additions, reshapes, dropout) until it meets a conv/linear layer (taken), a site,
-    another module with weights or a functional conv/linear/matmul (not taken: NEPENTHE prunes
-    conv and linear modules only), or the model's input. A ResNet block's second site is fed by its second conv and, where the
-    block has one, its downsample conv. A layer feeding several sites is given to the first in
-    execution order, so every layer belongs to one site at most.
+    residual additions, reshapes, dropout) until it meets a conv/linear layer, a site, another
+    module with weights or a functional conv/linear/matmul (not taken: NEPENTHE prunes conv and
+    linear modules only), or the model's input. Of the layers met, those on the longest path
+    feed the site: after a residual sum that is the branch's last conv, not the shortcut's
+    projection (a ResNet block's second site is fed by its second conv, not by its downsample
+    conv, whose pruning would cut the block's skip path). A layer feeding several sites is given
+    to the first in execution order, so every layer belongs to one site at most.
 
     Args:
         model: a converted model (see :func:`easier_ext.convert`), traceable by torch.fx.
@@ -54,12 +56,16 @@ def feeding_layers(model: nn.Module) -> dict[str, list[str]]:
     gm = trace_model(model)
     names = {id(m): n for n, m in model.named_modules()}
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    depth = _layer_depths(gm)
     taken: set[str] = set()
     found: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
         m = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(m, EntropyActivation):
-            layers = [names[id(gm.get_submodule(n.target))] for n in sorted(_feeders(gm, node), key=order.__getitem__)]
+            feeders = _feeders(gm, node)
+            deepest = max((depth[n] for n in feeders), default=0)
+            feeders = sorted((n for n in feeders if depth[n] == deepest), key=order.__getitem__)
+            layers = [names[id(gm.get_submodule(n.target))] for n in feeders]
             found[names[id(m)]] = [n for n in layers if n not in taken]
             taken.update(layers)
     return found
@@ -69,6 +75,15 @@ def feeding_layers(model: nn.Module) -> dict[str, list[str]]:
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 # functional layers: their weights are not a module's, so the walk stops there without taking them
 _FUNCTIONAL_LAYERS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.bilinear, torch.matmul, torch.bmm, torch.mm, operator.matmul}
+
+
+def _layer_depths(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """For every node, the most conv/linear layers on a path from the input to it (included)."""
+    depth: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:  # fx graphs are in topological order
+        is_layer = node.op == "call_module" and isinstance(gm.get_submodule(node.target), PRUNABLE)
+        depth[node] = max((depth[n] for n in node.all_input_nodes), default=0) + int(is_layer)
+    return depth
 
 
 def _feeders(gm: fx.GraphModule, site: fx.Node) -> set[fx.Node]:
@@ -123,9 +138,9 @@ def split_budget(total: int, irrelevances: Mapping[str, float], capacity: Mappin
     """Shares ``total`` weights to prune among sites, the least relevant losing the most.
 
     ``n_l = total * softmax_l(S / I_l)`` with ``S`` the sum of the irrelevances ``I_k``. A site
-    whose share exceeds its capacity (its nonzero weights) gets exactly its capacity and the rest
-    is shared again among the others, with the same softmax weights, until no share exceeds its
-    capacity. Shares are rounded down and the units left are given to the largest remainders, so
+    whose share exceeds its capacity (its nonzero weights) gets exactly its capacity; the rest is
+    shared again among the others in the same way, ``S`` now summing their irrelevances only (as
+    the reference code does), until no share exceeds a capacity. Shares are rounded down and the units left are given to the largest remainders, so
     the result sums to ``total``.
 
     Args:
@@ -144,15 +159,15 @@ def split_budget(total: int, irrelevances: Mapping[str, float], capacity: Mappin
     room = sum(capacity[n] for n in eligible)
     if not 0 <= total <= room:
         raise ValueError(f"cannot prune {total} weights: the eligible sites hold {room}")
-    s = sum(irrelevances[n] for n in eligible)
-    logits = {n: s / irrelevances[n] for n in eligible}
     left, active = total, list(eligible)
     while left and active:
-        top = max(logits[n] for n in active)
+        s = sum(irrelevances[n] for n in active)
+        logits = {n: s / irrelevances[n] for n in active}
+        top = max(logits.values())
         w = {n: math.exp(logits[n] - top) for n in active}
         norm = sum(w.values())
         wanted = {n: left * w[n] / norm for n in active}
-        capped = [n for n in active if wanted[n] >= capacity[n]]
+        capped = [n for n in active if wanted[n] > capacity[n]]
         if not capped:
             floors = {n: int(math.floor(wanted[n])) for n in active}
             rest = left - sum(floors.values())

@@ -28,11 +28,23 @@ def test_split_budget_matches_a_hand_computed_example():
     # the 2 units left go to the largest remainders (b .92, a .58): 97, 3, 0.
     irr = {"a": 1.0, "b": 2.0, "c": 4.0}
     assert split_budget(100, irr, {"a": 1000, "b": 1000, "c": 1000}) == {"a": 97, "b": 3, "c": 0}
-    # a holds only 50: capped; the other 50 shared by b, c with weights e^3.5 : e^1.75 = 0.851953 : 0.148047,
-    # 42.60 and 7.40 -> 42, 7, the unit left to b.
-    assert split_budget(100, irr, {"a": 50, "b": 1000, "c": 1000}) == {"a": 50, "b": 43, "c": 7}
+    # a holds only 50: capped; the other 50 shared by b, c with S = 2 + 4 = 6 now, logits (3, 1.5),
+    # e^3 : e^1.5 = 0.817574 : 0.182426: 40.88 and 9.12 -> 40, 9, the unit left to b.
+    assert split_budget(100, irr, {"a": 50, "b": 1000, "c": 1000}) == {"a": 50, "b": 41, "c": 9}
     # b's share after a is capped exceeds its 40: capped too, c takes the rest
     assert split_budget(100, irr, {"a": 50, "b": 40, "c": 1000}) == {"a": 50, "b": 40, "c": 10}
+
+
+def test_feeding_layers_take_every_branch_of_equal_depth():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.a(x) + self.b(x))
+
+    assert feeding_layers(ee.convert(TwoBranches())) == {"act": ["a", "b"]}
 
 
 def test_split_budget_against_the_formula_on_random_inputs():
@@ -70,9 +82,10 @@ def test_feeding_layers_follow_the_graph_through_batchnorm_and_residual_sums():
     feeds = feeding_layers(model)
     assert list(feeds) == list(ee.sites(model))
     assert feeds["relu"] == ["conv1"]
-    # BasicBlock calls self.relu twice: two sites, fed by conv1 and by conv2 (+ the downsample conv)
+    # BasicBlock calls self.relu twice: two sites, fed by conv1 and by conv2 (not the downsample
+    # shortcut, which is on a shorter path)
     assert feeds["layer1.0.relu"] == ["layer1.0.conv1"] and feeds["layer1.0.relu_1"] == ["layer1.0.conv2"]
-    assert feeds["layer2.0.relu_1"] == ["layer2.0.conv2", "layer2.0.downsample.0"]
+    assert feeds["layer2.0.relu_1"] == ["layer2.0.conv2"]
     taken = [layer for layers in feeds.values() for layer in layers]
     assert len(taken) == len(set(taken)) and "fc" not in taken
 
