@@ -13,6 +13,7 @@ import easier_ext as ee
 from testing import on_two_gloo_ranks
 import easier_ext.schedule as schedule_module
 from easier_ext.easier import EASIER
+from easier_ext.nepenthe import NEPENTHE
 from easier_ext.rundir import RunDirError
 from easier_ext.train import NonFiniteLossError, Recipe, finetune
 
@@ -48,11 +49,12 @@ def trained_cnn() -> nn.Module:
     return model
 
 
-def schedule(model=None, **kwargs) -> EASIER:
+def schedule(model=None, method=EASIER, **kwargs):
+    """A quick schedule (``method``: EASIER or NEPENTHE) of the tiny CNN on the tiny data."""
     train, val = loaders()
     kwargs.setdefault("recipe", Recipe(epochs=1, lr=0.05, amp=False))
     kwargs.setdefault("budget", 100.0)
-    return EASIER(model or tiny_cnn(), train, val, example_input=torch.randn(2, 3, 6, 6), latency=False, progress=False, **kwargs)
+    return method(model or tiny_cnn(), train, val, example_input=torch.randn(2, 3, 6, 6), latency=False, progress=False, **kwargs)
 
 
 def test_removes_the_lowest_entropy_site_each_iteration_and_folds():
@@ -135,8 +137,9 @@ def test_resuming_a_finished_run_adds_no_iteration(tmp_path):
     assert len(again.trajectory) == 2 and again.stopped == first.stopped and again.removed == []
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    full = schedule(max_iterations=3, run_dir=tmp_path / "full").run()
+@pytest.mark.parametrize("method", [EASIER, NEPENTHE])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, method):
+    full = schedule(max_iterations=3, run_dir=tmp_path / "full", method=method).run()
 
     real = schedule_module.finetune
     calls = {"n": 0}
@@ -149,18 +152,18 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
 
     monkeypatch.setattr(schedule_module, "finetune", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        schedule(max_iterations=3, run_dir=tmp_path / "crashed").run()
+        schedule(max_iterations=3, run_dir=tmp_path / "crashed", method=method).run()
     assert len(list((tmp_path / "crashed" / "iterations").glob("*.json"))) == 3  # dense + 2 complete
     monkeypatch.setattr(schedule_module, "finetune", real)
     with pytest.raises(RunDirError, match="pass resume"):
-        schedule(max_iterations=3, run_dir=tmp_path / "crashed").run()
-    resumed = schedule(max_iterations=3, run_dir=tmp_path / "crashed", resume=True).run()
-    assert [log["removed"] for log in resumed.trajectory] == [log["removed"] for log in full.trajectory]
-    assert [log["val_accuracy"] for log in resumed.trajectory] == [log["val_accuracy"] for log in full.trajectory]
+        schedule(max_iterations=3, run_dir=tmp_path / "crashed", method=method).run()
+    resumed = schedule(max_iterations=3, run_dir=tmp_path / "crashed", resume=True, method=method).run()
+    for key in ("removed", "val_accuracy", "pruned", "sparsity"):  # the last two: NEPENTHE's
+        assert [log.get(key) for log in resumed.trajectory] == [log.get(key) for log in full.trajectory], key
     for (key, a), b in zip(resumed.linearized.state_dict().items(), full.linearized.state_dict().values()):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
     summary = json.loads((tmp_path / "crashed" / "summary.json").read_text())
-    assert summary["removed"] == full.removed
+    assert summary["removed"] == full.removed and summary.get("sparsity") == full.sparsity
 
 
 def test_run_dir_of_another_configuration_is_refused(tmp_path):
