@@ -52,8 +52,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--resume", action="store_true", help="continue runs already in --out")
     parser.add_argument("--run-args", default="", help="more easier-ext run options for every run, e.g. '--patience 3'")
+    parser.add_argument("--easier-args", default="", help="more options for the EASIER runs only, e.g. '--fold-aware'")
+    parser.add_argument("--nepenthe-args", default="", help="more options for the NEPENTHE runs only, e.g. '--zeta 0.3'")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {machine('cpu')}, digits 16x16, budget {args.budget} point(s) {args.run_args}\n", flush=True)
+    extra = f"{args.run_args} easier: {args.easier_args or '-'} nepenthe: {args.nepenthe_args or '-'}"
+    print(f"torch {torch.__version__}, {machine('cpu')}, digits 16x16, budget {args.budget} point(s), {extra}\n", flush=True)
     rows = []
     for name in args.models:
         dense_weights = None
@@ -62,7 +65,7 @@ def main(argv=None) -> None:
             size = ["--image-size", str(IMAGE_SIZE[name])] if name in IMAGE_SIZE else []
             start = ["--weights", str(dense_weights), "--pretrain-epochs", "0"] if dense_weights else []
             status = cli(["run", "--model", name, "--method", method, "--budget", str(args.budget), "--run-dir", str(run_dir),
-                          "--quiet", "--no-latency", *size, *start] + args.run_args.split()
+                          "--quiet", "--no-latency", *size, *start] + args.run_args.split() + getattr(args, f"{method}_args").split()
                          + (["--resume"] if args.resume and run_dir.exists() else []))
             if status != 0:
                 sys.exit(f"easier-ext run --method {method} failed for {name}")
