@@ -27,6 +27,8 @@ DATASET_DEFAULTS = {
     "imagefolder": {"pretrain_epochs": 30, "epochs": 5, "lr": 0.001},
 }
 SMALL_INPUT_DATASETS = ("digits", "cifar10", "cifar100")
+# the run options that only one method takes
+METHOD_OPTIONS = {"easier": ("fold_aware", "fold_tolerance"), "nepenthe": ("zeta",)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -220,17 +222,17 @@ def _run(args) -> int:
 
     if not 0 <= args.budget <= 100:
         raise ValueError(f"--budget must be in [0, 100] top-1 points, got {args.budget}")
-    only = {"easier": ("fold_aware", "fold_tolerance"), "nepenthe": ("zeta",)}
-    for method, options in only.items():
-        for option in options:
-            if args.method != method and getattr(args, option) not in (None, False):
-                raise ValueError(f"--{option.replace('_', '-')} applies to --method {method} only")
-    zeta = 0.5 if args.zeta is None else args.zeta
-    fold_tolerance = 0.02 if args.fold_tolerance is None else args.fold_tolerance
-    if not 0 < zeta <= 1:
-        raise ValueError(f"--zeta must be in (0, 1] (the fraction of remaining weights pruned per iteration), got {zeta}")
-    if fold_tolerance < 0:
-        raise ValueError(f"--fold-tolerance must be >= 0 bits, got {fold_tolerance}")
+    # each method's own options, as given (unset ones take the method's defaults)
+    names = [name for options in METHOD_OPTIONS.values() for name in options]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None and getattr(args, name) is not False}
+    for name in sorted(given.keys() - set(METHOD_OPTIONS[args.method])):
+        owner = next(m for m, owned in METHOD_OPTIONS.items() if name in owned)
+        raise ValueError(f"--{name.replace('_', '-')} applies to --method {owner} only")
+    # checked here as well as by the method, so that bad values fail before any pretraining
+    if "zeta" in given and not 0 < args.zeta <= 1:
+        raise ValueError(f"--zeta must be in (0, 1] (the fraction of remaining weights pruned per iteration), got {args.zeta}")
+    if "fold_tolerance" in given and args.fold_tolerance < 0:
+        raise ValueError(f"--fold-tolerance must be >= 0 bits, got {args.fold_tolerance}")
     args.run_dir = args.run_dir or Path("runs") / args.method
     aggregate = args.aggregate or args.method
     device = _device(args.device)
@@ -265,10 +267,8 @@ def _run(args) -> int:
                   measure_batches=args.measure_batches, max_iterations=args.max_iterations, patience=args.patience,
                   run_dir=args.run_dir, resume=args.resume, config=config, latency=not args.no_latency, device=device,
                   seed=args.seed, progress=not args.quiet)
-    if args.method == "nepenthe":
-        schedule = NEPENTHE(model, train_loader, val_loader, zeta=zeta, **common)
-    else:
-        schedule = EASIER(model, train_loader, val_loader, fold_aware=args.fold_aware, fold_tolerance=fold_tolerance, **common)
+    method = NEPENTHE if args.method == "nepenthe" else EASIER
+    schedule = method(model, train_loader, val_loader, **given, **common)
     result = schedule.run()
     if is_main_process():
         print(_summary_table(result, len(sites(schedule.model))))

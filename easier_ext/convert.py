@@ -280,37 +280,36 @@ def _read_result_after(graph: fx.Graph, source: fx.Node, result: fx.Node) -> Non
             node.replace_input_with(source, result)
 
 
-def _order_children_by_use(module: nn.Module, graph: fx.Graph) -> None:
-    """Orders children by their first call, so that ``sites`` lists them in execution order."""
-    first_use: dict[str, int] = {}
-    for i, node in enumerate(graph.nodes):
-        if node.op in ("call_module", "get_attr"):
-            first_use.setdefault(str(node.target).split(".")[0], i)
-    order = sorted(module._modules, key=lambda name: first_use.get(name, len(first_use) + 1 + list(module._modules).index(name)))
-    module._modules = {name: module._modules[name] for name in order}
+def _order_children_by_use(root: nn.Module, graph: fx.Graph) -> None:
+    """Orders the children of ``root`` and of every module below it by their first use in
+    ``graph`` (a trace of ``root``), so that :func:`sites` lists sites in execution order.
 
-
-def _order_by_execution(model: nn.Module) -> None:
-    """Orders every module's children by their first call in the whole model's forward, so that
-    :func:`sites` lists sites in execution order also where a parent that calls no rectifier itself
-    registers its children in another order. Containers whose order is their meaning (Sequential,
-    ModuleList, ModuleDict) keep it; a model torch.fx cannot trace keeps its registration order."""
-    try:
-        graph = FoldTracer().trace(model)
-    except Exception:  # fx raises many types; the order is a nicety, never worth failing for
-        return
+    Containers whose order is their meaning (Sequential, ModuleList, ModuleDict: indexing and
+    iteration follow it) keep it; children the graph never uses keep their place after the used
+    ones."""
     first: dict[str, int] = {}
     for i, node in enumerate(graph.nodes):
         if node.op in ("call_module", "get_attr"):
             parts = str(node.target).split(".")
             for depth in range(1, len(parts) + 1):
                 first.setdefault(".".join(parts[:depth]), i)
-    for name, module in list(model.named_modules()):
+    for name, module in list(root.named_modules()):
         if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or not module._modules:
             continue
         prefix = f"{name}." if name else ""
         order = sorted(module._modules, key=lambda child: first.get(prefix + child, math.inf))
         module._modules = {child: module._modules[child] for child in order}
+
+
+def _order_by_execution(model: nn.Module) -> None:
+    """Orders every module by first use in the whole model's forward (see
+    :func:`_order_children_by_use`), also where a parent that calls no rectifier itself registers
+    its children in another order; a model torch.fx cannot trace keeps its order."""
+    try:
+        graph = FoldTracer().trace(model)
+    except Exception:  # fx raises many types; the order is a nicety, never worth failing for
+        return
+    _order_children_by_use(model, graph)
 
 
 def _ignore_counts_in_ddp(model: nn.Module, found: dict[str, EntropyActivation]) -> None:

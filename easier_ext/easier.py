@@ -12,6 +12,7 @@ from torch import nn
 from easier_ext.convert import sites
 from easier_ext.linearize import linearize, mergeable_layers
 from easier_ext.schedule import Schedule, ScheduleResult
+from easier_ext.train import _is_real
 
 __all__ = ["EASIER", "EasierResult"]
 
@@ -52,7 +53,7 @@ class EASIER(Schedule):
         fold_tolerance: float = 0.02,
         **options,
     ) -> None:
-        if isinstance(fold_tolerance, bool) or not isinstance(fold_tolerance, (int, float)) or fold_tolerance < 0:
+        if not _is_real(fold_tolerance) or fold_tolerance < 0:
             raise ValueError(f"fold_tolerance must be a number of bits >= 0, got {fold_tolerance!r}")
         self.fold_aware, self.fold_tolerance = fold_aware, float(fold_tolerance)
         settings = {"fold_aware": fold_aware, "fold_tolerance": self.fold_tolerance}

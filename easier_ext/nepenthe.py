@@ -14,6 +14,7 @@ from easier_ext.convert import convert, sites
 from easier_ext.linearize import linearize, move_padding
 from easier_ext.pruning import PRUNABLE, bake_pruning, feeding_layers, irrelevance, prune_magnitude, sparsity, split_budget, weight
 from easier_ext.schedule import Schedule, ScheduleResult
+from easier_ext.train import _is_real
 
 __all__ = ["NEPENTHE", "NepentheResult"]
 
@@ -74,7 +75,7 @@ class NEPENTHE(Schedule):
         zeta: float = 0.5,
         **options,
     ) -> None:
-        if isinstance(zeta, bool) or not isinstance(zeta, (int, float)) or not 0 < zeta <= 1:
+        if not _is_real(zeta) or not 0 < zeta <= 1:
             raise ValueError(f"zeta must be the fraction of remaining weights pruned per iteration, in (0, 1], got {zeta!r}")
         self.zeta = float(zeta)
         options.setdefault("aggregate", "nepenthe")

@@ -19,7 +19,7 @@ from easier_ext.entropy import AGGREGATES
 from easier_ext.fold import fold
 from easier_ext.measure import measure_entropy
 from easier_ext.rundir import RunDir, rng_state, seed_everything, set_rng_state
-from easier_ext.train import NonFiniteLossError, Recipe, evaluate, finetune
+from easier_ext.train import NonFiniteLossError, Recipe, _is_real, evaluate, finetune
 
 __all__ = ["Schedule", "ScheduleResult", "summary"]
 
@@ -127,7 +127,7 @@ class Schedule:
         progress: bool = True,
         settings: Optional[dict] = None,
     ) -> None:
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 100:
+        if not _is_real(budget) or not 0 <= budget <= 100:
             raise ValueError(f"budget must be a drop in top-1 points in [0, 100], got {budget!r}")
         if aggregate not in AGGREGATES:
             raise ValueError(f"unknown entropy aggregate {aggregate!r}; expected one of {AGGREGATES}")

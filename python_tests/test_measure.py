@@ -2,19 +2,16 @@
 state restored, and DDP ranks agreeing with one process."""
 
 import copy
-import os
-import tempfile
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import easier_ext as ee
-from testing import reference_entropy
+from testing import on_two_gloo_ranks, reference_entropy
 
 
 def small_net() -> nn.Module:
@@ -131,30 +128,25 @@ def test_linearized_sites_are_skipped_and_errors():
 # -- DDP: 2 gloo processes on CPU ---------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        converted = ee.convert(small_net())
-        data = dataset()
-        # uneven shards: rank 0 gets 10 samples, rank 1 gets 14
-        idx = list(range(10)) if rank == 0 else list(range(10, 24))
-        shard = torch.utils.data.Subset(data, idx)
-        # a training step through DDP works with a converted model (on a copy: it moves BN statistics)
-        trained = nn.parallel.DistributedDataParallel(copy.deepcopy(converted))
-        x, y = next(iter(DataLoader(shard, batch_size=4)))
-        nn.functional.cross_entropy(trained(x), y).backward()
-        assert all(p.grad is not None for p in trained.parameters())
-        r = ee.measure_entropy(nn.parallel.DistributedDataParallel(converted), DataLoader(shard, batch_size=3), progress=False)
-        torch.save({n: (s.on_counts, s.observations, s.entropy) for n, s in r.items()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _measured_on_this_rank() -> dict:
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    converted = ee.convert(small_net())
+    data = dataset()
+    # uneven shards: rank 0 gets 10 samples, rank 1 gets 14
+    idx = list(range(10)) if rank == 0 else list(range(10, 24))
+    shard = torch.utils.data.Subset(data, idx)
+    # a training step through DDP works with a converted model (on a copy: it moves BN statistics)
+    trained = nn.parallel.DistributedDataParallel(copy.deepcopy(converted))
+    x, y = next(iter(DataLoader(shard, batch_size=4)))
+    nn.functional.cross_entropy(trained(x), y).backward()
+    assert all(p.grad is not None for p in trained.parameters())
+    r = ee.measure_entropy(nn.parallel.DistributedDataParallel(converted), DataLoader(shard, batch_size=3), progress=False)
+    return {n: (s.on_counts, s.observations, s.entropy) for n, s in r.items()}
 
 
-def test_ddp_two_ranks_equal_one_process():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+def test_ddp_two_ranks_equal_one_process(tmp_path):
+    ranks = on_two_gloo_ranks(_measured_on_this_rank, tmp_path)
     torch.manual_seed(0)
     single = ee.measure_entropy(ee.convert(small_net()), DataLoader(dataset(), batch_size=7), progress=False)
     for name, s in single.items():
