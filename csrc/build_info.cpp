@@ -1,8 +1,10 @@
 // The Python module object of the extension. Loading it registers the ops (static
-// initialisers in the other translation units); its one function says what was built.
+// initialisers in the other translation units); build_info says what was built, and the
+// no-grad calls (no_grad_call.h) reach the ops without torch.ops' Python layers.
 #include <pybind11/pybind11.h>
 
 #include "build_info.h"
+#include "no_grad_call.h"
 
 namespace py = pybind11;
 
@@ -49,4 +51,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "easier_ext compiled kernels (ops are registered under torch.ops.easier_ext)";
   m.def("build_info", &build_info,
         "Version, torch version built against, CUDA kernels and architectures, CPU kernel variants.");
+  easier_ext::bind_no_grad_calls(m);
 }

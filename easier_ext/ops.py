@@ -1,7 +1,9 @@
 """The easier_ext torch ops: typed Python wrappers, fake kernels and autograd formulas.
 
 The kernels themselves are C++/CUDA (``csrc/``); this module makes them work with autograd,
-``torch.compile(fullgraph=True)`` and ``torch.export``.
+``torch.compile(fullgraph=True)`` and ``torch.export``. In eager mode, a call that autograd has
+nothing to record (plain tensors, no gradient needed) goes to the kernel from C++
+(``csrc/no_grad_call.cpp``), skipping ``torch.ops``' Python layers.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from easier_ext import _extension  # noqa: F401  (loads the library that defines the ops)
+from easier_ext import _extension  # loads the library that defines the ops
 
 __all__ = ["ACTIVATIONS", "rectify_count", "rectify_count_"]
 
@@ -49,7 +51,12 @@ def rectify_count(
         each channel's number of ON elements. Each channel was observed
         ``input.numel() // C`` times.
     """
-    return torch.ops.easier_ext.rectify_count.default(input, activation, negative_slope, weight, channel_dim)
+    args = (input, activation, negative_slope, weight, channel_dim)
+    if not torch.compiler.is_compiling():
+        result = _extension._C.rectify_count_no_grad(*args)
+        if result is not None:
+            return result
+    return torch.ops.easier_ext.rectify_count.default(*args)
 
 
 def rectify_count_(
@@ -74,7 +81,13 @@ def rectify_count_(
         int64 tensor of shape ``(C,)``: each channel's number of ON elements (counted before
         ``input`` was overwritten).
     """
-    return torch.ops.easier_ext.rectify_count_.default(input, activation, negative_slope, weight, channel_dim)
+    args = (input, activation, negative_slope, weight, channel_dim)
+    if not torch.compiler.is_compiling():
+        counts = _extension._C.rectify_count_no_grad_(*args)
+        if counts is not None:
+            return counts
+        torch.autograd.graph.increment_version(input)  # as torch's in-place ops do
+    return torch.ops.easier_ext.rectify_count_.default(*args)
 
 
 @torch.library.register_fake("easier_ext::rectify_count")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from easier_ext import ops
 from testing import (
     ACTIVATIONS,
     DEVICES,
@@ -39,6 +40,7 @@ CASES = [
     ((7, 33), 1, "contiguous"),
     ((7, 33), -1, "strided"),
     ((2000, 37), -1, "contiguous"),
+    ((41, 100), -1, "contiguous"),  # rows of several blocks of vectors, a partial one, odd row count
     ((2, 3, 5, 37), -1, "contiguous"),
     ((2, 3, 5, 37), 2, "contiguous"),
     ((5, 1, 11), 1, "contiguous"),
@@ -233,10 +235,9 @@ def test_torch_export():
 
 # -- bad input -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_inputs_give_clear_errors(device):
+def bad_inputs(device):
     x = torch.randn(2, 3, 4, device=device)
-    cases = [
+    return [
         ((torch.ones(2, 3, dtype=torch.int64, device=device), "relu", 0.0, None, 1), TypeError, "floating-point input"),
         ((torch.ones(2, 3, dtype=torch.bool, device=device), "relu", 0.0, None, 1), TypeError, "got Bool"),
         ((torch.tensor(1.0, device=device), "relu", 0.0, None, 0), ValueError, "at least 1 dimension"),
@@ -249,7 +250,11 @@ def test_bad_inputs_give_clear_errors(device):
         ((x, "prelu", 0.0, torch.ones(3, dtype=torch.float64, device=device), 1), TypeError, "same dtype"),
         ((x, "relu", 0.0, torch.ones(3, device=device), 1), ValueError, "only used by 'prelu'"),
     ]
-    for args, exc, pattern in cases:
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_give_clear_errors(device):
+    for args, exc, pattern in bad_inputs(device):
         with pytest.raises(exc, match=pattern):
             OP(*args)
 
@@ -259,3 +264,132 @@ def test_weight_on_another_device_is_an_error():
         pytest.skip("needs a CUDA GPU")
     with pytest.raises(RuntimeError, match="expected the same device"):
         OP(torch.randn(2, 3, device="cuda"), "prelu", 0.0, torch.ones(3), 1)
+
+
+# -- the public wrappers (ops.rectify_count / ops.rectify_count_) -----------------------------
+# In eager mode they reach the kernel from C++ when autograd has nothing to record, and go through
+# torch.ops otherwise; both ways must give the op's results, errors and autograd behaviour.
+
+
+def wrapper_args(args):
+    x, act, slope, w, dim = args
+    return (x, act), {"negative_slope": slope, "weight": w, "channel_dim": dim}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_wrapper_matches_torch_and_numpy(device, activation):
+    for args, case in sample_inputs(device, torch.float32, activation):
+        x, act, slope, w, dim = args
+        a, kw = wrapper_args(args)
+        y, counts = ops.rectify_count(*a, **kw)
+        ref = reference_activation(x, act, slope, w, dim)
+        if act in PIECEWISE_LINEAR:
+            assert_bit_exact(y, ref, case)
+        else:
+            assert_within_rounding(y, ref, x, case)
+        np.testing.assert_array_equal(counts.cpu().numpy(), reference_counts(x, dim), err_msg=case)
+        assert not y.requires_grad and y.grad_fn is None, case
+        x_ = x.clone()
+        counts_ = ops.rectify_count_(x_, *a[1:], **kw)
+        assert_bit_exact(x_, y, case)
+        assert torch.equal(counts_, counts), case
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_wrapper_bad_inputs_give_the_op_errors(device):
+    for args, exc, pattern in bad_inputs(device):
+        a, kw = wrapper_args(args)
+        with pytest.raises(exc, match=pattern):
+            ops.rectify_count(*a, **kw)
+        x = a[0].clone()
+        with pytest.raises(exc, match=pattern):
+            ops.rectify_count_(x, *a[1:], **kw)
+        assert torch.equal(x, a[0])
+
+
+def test_wrapper_records_gradients_only_when_needed():
+    x = make_input((3, 4, 5), torch.float64, "cpu", special=False)
+    w = make_weight("prelu", 4, torch.float64, "cpu").requires_grad_()
+    y, _ = ops.rectify_count(x.requires_grad_(), "prelu", weight=w)
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    yr = reference_activation(x, "prelu", 0.0, w, 1)
+    rx, rw = torch.autograd.grad(yr.sum(), (x, w))
+    assert torch.equal(gx, rx) and torch.allclose(gw, rw)
+    with torch.no_grad():
+        y, _ = ops.rectify_count(x, "prelu", weight=w)
+    assert not y.requires_grad
+    y, _ = ops.rectify_count(x.detach(), "prelu", weight=w.detach())
+    assert not y.requires_grad
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_wrapper_leaves_overrides_to_torch_ops():
+    """A torch-function mode or a tensor subclass sees the op, as with any torch.ops call."""
+    x = make_input((2, 3, 4), torch.float32, "cpu", special=False)
+    with _Recorder() as mode:
+        y, counts = ops.rectify_count(x, "relu")
+        ops.rectify_count_(x.clone(), "relu")
+    assert OP in mode.seen and INPLACE_OP in mode.seen
+    assert torch.equal(y, torch.relu(x)) and np.array_equal(counts.numpy(), reference_counts(x, 1))
+    _Subclass.seen.clear()
+    y, counts = ops.rectify_count(x.as_subclass(_Subclass), "relu")
+    assert OP in _Subclass.seen
+    assert np.array_equal(counts.numpy(), reference_counts(x, 1))
+
+
+def test_wrapper_works_under_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 5, 3, 3).to(memory_format=torch.channels_last)
+        y, counts = ops.rectify_count(x, "relu")
+    assert y.shape == x.shape and y.stride() == x.stride() and counts.shape == (5,)
+
+
+def test_inplace_wrapper_bumps_the_version_counter():
+    """As torch's in-place ops do, so autograd catches a saved tensor overwritten later."""
+    x = make_input((2, 3, 4), torch.float32, "cpu", special=False)
+    v = x._version
+    ops.rectify_count_(x, "relu")  # plain tensor: the direct call
+    assert x._version == v + 1
+    with _Recorder():
+        ops.rectify_count_(x, "relu")  # through torch.ops
+    assert x._version == v + 2
+    a = make_input((2, 3, 4), torch.float32, "cpu", special=False).requires_grad_()
+    b = a * 2
+    c = b * b  # saves b
+    with torch.no_grad():
+        ops.rectify_count_(b, "relu")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        c.sum().backward()
+
+
+def test_inplace_wrapper_refuses_inference_tensors_outside_inference_mode():
+    with torch.inference_mode():
+        x = make_input((2, 3, 4), torch.float32, "cpu", special=False)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        ops.rectify_count_(x, "relu")
+    assert torch.equal(x, before)
+    with torch.inference_mode():
+        counts = ops.rectify_count_(x, "relu")
+    assert torch.equal(x, torch.relu(before)) and np.array_equal(counts.numpy(), reference_counts(before, 1))

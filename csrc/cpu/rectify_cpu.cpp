@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> rectify_count_cpu(const at::Tensor& input, c1
   TORCH_INTERNAL_ASSERT(input.device().is_cpu());
   RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), negative_slope,
                                   weight, channel_dim);
-  at::Tensor counts = at::zeros({plan.layout.channels}, input.options().dtype(at::kLong));
+  at::Tensor counts = at::empty({plan.layout.channels}, input.options().dtype(at::kLong));
   static const cpu::RectifyCountKernel kernel = select_kernel();
   kernel(plan, counts.mutable_data_ptr<int64_t>());
   return {plan.output, counts};
@@ -37,7 +37,7 @@ at::Tensor rectify_count_inplace_cpu(at::Tensor& input, c10::string_view activat
   TORCH_INTERNAL_ASSERT(input.device().is_cpu());
   RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), negative_slope,
                                   weight, channel_dim, /*in_place=*/true);
-  at::Tensor counts = at::zeros({plan.layout.channels}, input.options().dtype(at::kLong));
+  at::Tensor counts = at::empty({plan.layout.channels}, input.options().dtype(at::kLong));
   static const cpu::RectifyCountKernel kernel = select_kernel();
   kernel(plan, counts.mutable_data_ptr<int64_t>());
   if (!plan.output.is_same(input)) input.copy_(plan.output);

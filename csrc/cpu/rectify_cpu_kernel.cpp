@@ -138,47 +138,74 @@ std::vector<opmath_t<scalar_t>> channel_slopes(const RectifyPlan& plan, int64_t 
   return slopes;
 }
 
-// Rows of exactly NV whole steps (e.g. 64 float channels with AVX512): one row per iteration,
-// with every lane counter and slope held in registers for the whole run of rows.
-template <int NV, typename scalar_t, Activation A>
-void narrow_rows(const scalar_t* in, scalar_t* out, int64_t rows, const opmath_t<scalar_t>* slopes, int64_t* mine) {
+// Independent steps per loop iteration in the planes kernel, each with its own counter, for the
+// cheap (piecewise-linear) activations: the loop is then bound by loads and stores, not by one
+// counter's add chain. The transcendental ones are bound by their math; unrolling them only spills.
+template <Activation A>
+constexpr int kUnroll = (A == Activation::GELU || A == Activation::GELUTanh || A == Activation::SiLU) ? 1 : 4;
+
+// Steps of channels per block of the rows kernel: 8 counter vectors (and as many slopes) in
+// registers; with one block per row, a channels_last conv of 64 float channels on AVX2.
+constexpr int kBlockSteps = 8;
+
+// Rows walked per block of channels before the next block: the block's counters stay in registers
+// over these rows, and the pass reads a few rows at once. On a 2-core EPYC, 4 rows made the (4096,
+// 3072) in-place ReLU 10% faster than torch's own; 1 row is 20% slower (counters through memory),
+// 16 or more thrash the prefetchers.
+constexpr int64_t kTileRows = 4;
+
+// Activates values at x into y, N == 0 meaning a partial step of n values, and counts the ON ones
+// into `count`, one counter vector per part.
+template <int64_t N, typename scalar_t, Activation A, typename C, typename S>
+void step_into(const scalar_t* x, scalar_t* y, int64_t n, C* count, const S* slope) {
+  const int64_t len = N == 0 ? n : N;
+  auto v = load(x, len);
+  for (int p = 0; p < kParts<scalar_t>; ++p) {
+    count[p] = add_on(count[p], v[p]);
+    v[p] = activate<A>(v[p], slope[p]);
+  }
+  store(y, len, v);
+}
+
+// `rows` rows, `stride` elements apart, of KB steps of channels at in / out (a partial last step of
+// `tail` values when Partial). The counters for these channels are acc[0, KB * step): loaded into
+// registers once, kept there over all the rows, stored back once.
+template <int KB, bool Partial, typename scalar_t, Activation A>
+void block_rows(const scalar_t* in, scalar_t* out, int64_t rows, int64_t stride, int64_t tail,
+                const opmath_t<scalar_t>* slopes, count_t<scalar_t>* acc) {
   using opmath = opmath_t<scalar_t>;
   using C = count_t<scalar_t>;
   constexpr int64_t step = kStep<scalar_t>;
   constexpr int64_t lanes = kPartLanes<scalar_t>;
-  constexpr int K = NV * kParts<scalar_t>;
-  std::array<Vectorized<C>, K> count;
-  std::array<Vectorized<opmath>, K> slope;
-  for (int k = 0; k < K; ++k) {
-    count[k] = Vectorized<C>(C(0));
+  constexpr int P = kParts<scalar_t>;
+  std::array<Vectorized<C>, KB * P> count;
+  std::array<Vectorized<opmath>, KB * P> slope;
+  for (int k = 0; k < KB * P; ++k) {
+    count[k] = Vectorized<C>::loadu(acc + k * lanes);
     slope[k] = load_slope<A>(slopes + k * lanes);
   }
   for (int64_t row = 0; row < rows; ++row) {
-    for (int j = 0; j < NV; ++j) {
-      const int64_t off = (row * NV + j) * step;
-      auto v = load(in + off, step);
-      for (int p = 0; p < kParts<scalar_t>; ++p) {
-        count[j * kParts<scalar_t> + p] = add_on(count[j * kParts<scalar_t> + p], v[p]);
-        v[p] = activate<A>(v[p], slope[j * kParts<scalar_t> + p]);
+    const scalar_t* x = in + row * stride;
+    scalar_t* y = out + row * stride;
+    for (int j = 0; j < KB; ++j) {
+      if (Partial && j == KB - 1) {
+        step_into<0, scalar_t, A>(x + j * step, y + j * step, tail, &count[j * P], &slope[j * P]);
+      } else {
+        step_into<step, scalar_t, A>(x + j * step, y + j * step, step, &count[j * P], &slope[j * P]);
       }
-      store(out + off, step, v);
     }
   }
-  for (int k = 0; k < K; ++k) {
-    std::array<C, Vectorized<C>::size()> lane;
-    count[k].store(lane.data());
-    for (int64_t l = 0; l < lanes; ++l) mine[k * lanes + l] += lane[l];
-  }
+  for (int k = 0; k < KB * P; ++k) count[k].store(acc + k * lanes);
 }
 
 // inner == 1: `outer` rows of `channels` contiguous values (channels_last convs, Linear outputs).
-// Vector lanes run along channels, so each lane keeps counting its own channel across rows.
+// Vector lanes run along channels, so each lane keeps counting its own channel down the rows; a row
+// is cut into blocks of up to kBlockSteps steps whose counters fit in registers.
 template <typename scalar_t, Activation A>
 void rows_kernel(const RectifyPlan& plan, int64_t* partial) {
-  using opmath = opmath_t<scalar_t>;
   using C = count_t<scalar_t>;
   constexpr int64_t step = kStep<scalar_t>;
-  constexpr int64_t lanes = kPartLanes<scalar_t>;
+  constexpr int kBlock = kBlockSteps;
   const auto [outer, channels, inner] = plan.layout;
   const int64_t padded = (channels + step - 1) / step * step;
   const auto slopes = channel_slopes<scalar_t>(plan, padded);
@@ -188,56 +215,71 @@ void rows_kernel(const RectifyPlan& plan, int64_t* partial) {
   at::parallel_for(0, outer, std::max<int64_t>(1, kGrainElements / channels), [&](int64_t begin, int64_t end) {
     int64_t* mine = partial + at::get_thread_num() * channels;
     std::vector<C> acc(padded, C(0));
-    auto flush = [&] {
-      for (const auto c : c10::irange(channels)) mine[c] += acc[c];
-      std::fill(acc.begin(), acc.end(), C(0));
-    };
-    // One step of channels [c, c + n) at x / y.
-    auto one_step = [&](const scalar_t* x, scalar_t* y, int64_t c, int64_t n) {
-      auto v = load(x, n);
-      for (int p = 0; p < kParts<scalar_t>; ++p) {
-        C* a = acc.data() + c + p * lanes;
-        add_on(Vectorized<C>::loadu(a), v[p]).store(a);
-        v[p] = activate<A>(v[p], load_slope<A>(slopes.data() + c + p * lanes));
+    // Rows [r, r + rows) of every block of channels.
+    auto tile = [&](int64_t r, int64_t rows) {
+      const scalar_t* x = in + r * channels;
+      scalar_t* y = out + r * channels;
+      auto blocks = [&](auto KB, auto partial_step, int64_t c, int64_t tail) {
+        block_rows<decltype(KB)::value, decltype(partial_step)::value, scalar_t, A>(
+            x + c, y + c, rows, channels, tail, slopes.data() + c, acc.data() + c);
+      };
+      using std::integral_constant;
+      int64_t c = 0;
+      for (; c + kBlock * step <= channels; c += kBlock * step) {
+        blocks(integral_constant<int, kBlock>{}, std::false_type{}, c, 0);
       }
-      store(y, n, v);
+      // What is left, fewer than kBlock steps: blocks of 4, 2 and 1 steps, then a partial one.
+      static_assert(kBlock == 8);
+      if (c + 4 * step <= channels) {
+        blocks(integral_constant<int, 4>{}, std::false_type{}, c, 0);
+        c += 4 * step;
+      }
+      if (c + 2 * step <= channels) {
+        blocks(integral_constant<int, 2>{}, std::false_type{}, c, 0);
+        c += 2 * step;
+      }
+      if (c + step <= channels) {
+        blocks(integral_constant<int, 1>{}, std::false_type{}, c, 0);
+        c += step;
+      }
+      if (c < channels) blocks(integral_constant<int, 1>{}, std::true_type{}, c, channels - c);
     };
-    const int64_t nv = channels % step == 0 ? channels / step : 0;  // whole steps per row, if any
+
     for (int64_t row0 = begin; row0 < end; row0 += kFlushSteps) {
       const int64_t row1 = std::min(end, row0 + kFlushSteps);
-      if (nv == 1 || nv == 2 || nv == 4) {
-        auto run = [&](auto NV) {
-          narrow_rows<decltype(NV)::value, scalar_t, A>(in + row0 * channels, out + row0 * channels, row1 - row0,
-                                                       slopes.data(), mine);
-        };
-        if (nv == 1) run(std::integral_constant<int, 1>{});
-        if (nv == 2) run(std::integral_constant<int, 2>{});
-        if (nv == 4) run(std::integral_constant<int, 4>{});
-      } else if (nv > 0) {
-        // Whole steps per row: walk the rows as one flat run, the channel wrapping around.
-        const int64_t first = row0 * channels, last = row1 * channels;
-        for (int64_t i = first, c = 0; i < last; i += step) {
-          one_step(in + i, out + i, c, step);
-          c += step;
-          if (c == channels) c = 0;
-        }
-      } else {
-        for (int64_t row = row0; row < row1; ++row) {
-          for (int64_t c = 0; c < channels; c += step) {
-            one_step(in + row * channels + c, out + row * channels + c, c, std::min(step, channels - c));
-          }
-        }
-      }
-      flush();  // at most kFlushSteps rows per lane counter since the last merge
+      for (int64_t r = row0; r < row1; r += kTileRows) tile(r, std::min(kTileRows, row1 - r));
+      // At most kFlushSteps rows per lane counter since the last merge.
+      for (const auto c : c10::irange(channels)) mine[c] += acc[c];
+      std::fill(acc.begin(), acc.end(), C(0));
     }
   });
+}
+
+// `n` contiguous values of one channel, activated with its slope; returns how many were ON.
+template <typename scalar_t, Activation A>
+int64_t plane(const scalar_t* x, scalar_t* y, int64_t n, const Parts<scalar_t>& slope) {
+  using C = count_t<scalar_t>;
+  constexpr int64_t step = kStep<scalar_t>;
+  constexpr int P = kParts<scalar_t>;
+  constexpr int U = kUnroll<A>;
+  std::array<Vectorized<C>, U * P> count;
+  count.fill(Vectorized<C>(C(0)));
+  int64_t i = 0;
+  for (; i + U * step <= n; i += U * step) {
+    for (int u = 0; u < U; ++u) {
+      step_into<step, scalar_t, A>(x + i + u * step, y + i + u * step, step, &count[u * P], slope.data());
+    }
+  }
+  for (; i + step <= n; i += step) step_into<step, scalar_t, A>(x + i, y + i, step, count.data(), slope.data());
+  if (i < n) step_into<0, scalar_t, A>(x + i, y + i, n - i, count.data(), slope.data());
+  for (int k = 1; k < U * P; ++k) count[0] = count[0] + count[k];
+  return lane_sum(count[0]);
 }
 
 // inner > 1: every (outer, channel) pair is one contiguous plane of `inner` values (NCHW convs).
 template <typename scalar_t, Activation A>
 void planes_kernel(const RectifyPlan& plan, int64_t* partial) {
   using opmath = opmath_t<scalar_t>;
-  using C = count_t<scalar_t>;
   constexpr int64_t step = kStep<scalar_t>;
   const auto [outer, channels, inner] = plan.layout;
   const auto slopes = channel_slopes<scalar_t>(plan, channels);
@@ -247,25 +289,13 @@ void planes_kernel(const RectifyPlan& plan, int64_t* partial) {
   at::parallel_for(0, outer * channels, std::max<int64_t>(1, kGrainElements / inner), [&](int64_t begin, int64_t end) {
     int64_t* mine = partial + at::get_thread_num() * channels;
     int64_t c = begin % channels;  // advanced with the plane, not recomputed: a division per plane shows
-    for (int64_t plane = begin; plane < end; ++plane, c = (c + 1 == channels ? 0 : c + 1)) {
-      const Vectorized<opmath> slope(slopes.empty() ? opmath(0) : slopes[c]);
-      const scalar_t* x = in + plane * inner;
-      scalar_t* y = out + plane * inner;
+    for (int64_t p = begin; p < end; ++p, c = (c + 1 == channels ? 0 : c + 1)) {
+      Parts<scalar_t> slope;
+      slope.fill(Vectorized<opmath>(slopes.empty() ? opmath(0) : slopes[c]));
+      // Chunks of at most kFlushSteps steps, so no 32-bit lane counter can wrap.
       for (int64_t chunk = 0; chunk < inner; chunk += kFlushSteps * step) {
-        const int64_t chunk_end = std::min(inner, chunk + kFlushSteps * step);
-        Vectorized<C> acc(C(0));
-        auto one_step = [&](int64_t i, int64_t n) {
-          auto v = load(x + i, n);
-          for (auto& part : v) {
-            acc = add_on(acc, part);
-            part = activate<A>(part, slope);
-          }
-          store(y + i, n, v);
-        };
-        int64_t i = chunk;
-        for (; i + step <= chunk_end; i += step) one_step(i, step);
-        if (i < chunk_end) one_step(i, chunk_end - i);
-        mine[c] += lane_sum(acc);
+        const int64_t n = std::min(inner - chunk, kFlushSteps * step);
+        mine[c] += plane<scalar_t, A>(in + p * inner + chunk, out + p * inner + chunk, n, slope);
       }
     }
   });
@@ -275,6 +305,7 @@ void planes_kernel(const RectifyPlan& plan, int64_t* partial) {
 
 void rectify_count_kernel(const RectifyPlan& plan, int64_t* counts) {
   const int64_t channels = plan.layout.channels;
+  std::fill(counts, counts + channels, int64_t{0});
   if (plan.input.numel() == 0) return;
   // One row of counts per thread, merged once at the end: threads never share a counter.
   std::vector<int64_t> partial(static_cast<size_t>(at::get_num_threads()) * channels, 0);

@@ -7,8 +7,8 @@
 
 namespace easier_ext::cpu {
 
-// Writes plan.output and adds each channel's ON count into counts[0, C), which the caller has
-// zeroed. One pass over plan.input; no temporary of the input's size.
+// Writes plan.output and each channel's ON count into counts[0, C). One pass over plan.input; no
+// temporary of the input's size.
 using RectifyCountKernel = void (*)(const RectifyPlan& plan, int64_t* counts);
 
 namespace DEFAULT { void rectify_count_kernel(const RectifyPlan& plan, int64_t* counts); }
