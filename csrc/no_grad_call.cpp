@@ -10,11 +10,11 @@
 #include <c10/core/GradMode.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/autograd/variable.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 namespace py = pybind11;
 
@@ -41,6 +41,15 @@ std::optional<std::pair<at::Tensor, std::optional<at::Tensor>>> plain_no_grad_ar
   return std::make_pair(std::move(x), std::move(w));
 }
 
+// The op called as torch.library's autograd layer calls it when no gradient is needed: below
+// autograd, with the GIL released as torch's own bindings do around a kernel.
+template <typename Signature, typename... Args>
+auto call_below_autograd(const c10::TypedOperatorHandle<Signature>& op, Args&&... args) {
+  py::gil_scoped_release no_gil;
+  at::AutoDispatchBelowAutograd below_autograd;
+  return op.call(std::forward<Args>(args)...);
+}
+
 py::object rectify_count_no_grad(py::handle input, const std::string& activation, double negative_slope,
                                  py::handle weight, int64_t channel_dim) {
   HANDLE_TH_ERRORS
@@ -49,12 +58,7 @@ py::object rectify_count_no_grad(py::handle input, const std::string& activation
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("easier_ext::rectify_count", "")
                              .typed<RectifyCount>();
-  std::tuple<at::Tensor, at::Tensor> result;
-  {
-    py::gil_scoped_release no_gil;
-    at::AutoDispatchBelowAutograd below_autograd;
-    result = op.call(args->first, activation, negative_slope, args->second, channel_dim);
-  }
+  const auto result = call_below_autograd(op, args->first, activation, negative_slope, args->second, channel_dim);
   return py::make_tuple(py::reinterpret_steal<py::object>(THPVariable_Wrap(std::get<0>(result))),
                         py::reinterpret_steal<py::object>(THPVariable_Wrap(std::get<1>(result))));
   END_HANDLE_TH_ERRORS_PYBIND
@@ -68,15 +72,7 @@ py::object rectify_count_no_grad_(py::handle input, const std::string& activatio
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("easier_ext::rectify_count_", "")
                              .typed<RectifyCountInplace>();
-  // As torch's in-place ops do, so autograd notices when a tensor it saved is overwritten. Before
-  // the write: an inference tensor outside inference mode is refused here, untouched.
-  torch::autograd::impl::bump_version(args->first);
-  at::Tensor counts;
-  {
-    py::gil_scoped_release no_gil;
-    at::AutoDispatchBelowAutograd below_autograd;
-    counts = op.call(args->first, activation, negative_slope, args->second, channel_dim);
-  }
+  at::Tensor counts = call_below_autograd(op, args->first, activation, negative_slope, args->second, channel_dim);
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(counts));
   END_HANDLE_TH_ERRORS_PYBIND
 }

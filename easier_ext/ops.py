@@ -86,7 +86,6 @@ def rectify_count_(
         counts = _extension._C.rectify_count_no_grad_(*args)
         if counts is not None:
             return counts
-        torch.autograd.graph.increment_version(input)  # as torch's in-place ops do
     return torch.ops.easier_ext.rectify_count_.default(*args)
 
 

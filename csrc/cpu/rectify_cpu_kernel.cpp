@@ -205,7 +205,6 @@ template <typename scalar_t, Activation A>
 void rows_kernel(const RectifyPlan& plan, int64_t* partial) {
   using C = count_t<scalar_t>;
   constexpr int64_t step = kStep<scalar_t>;
-  constexpr int kBlock = kBlockSteps;
   const auto [outer, channels, inner] = plan.layout;
   const int64_t padded = (channels + step - 1) / step * step;
   const auto slopes = channel_slopes<scalar_t>(plan, padded);
@@ -225,11 +224,11 @@ void rows_kernel(const RectifyPlan& plan, int64_t* partial) {
       };
       using std::integral_constant;
       int64_t c = 0;
-      for (; c + kBlock * step <= channels; c += kBlock * step) {
-        blocks(integral_constant<int, kBlock>{}, std::false_type{}, c, 0);
+      for (; c + kBlockSteps * step <= channels; c += kBlockSteps * step) {
+        blocks(integral_constant<int, kBlockSteps>{}, std::false_type{}, c, 0);
       }
-      // What is left, fewer than kBlock steps: blocks of 4, 2 and 1 steps, then a partial one.
-      static_assert(kBlock == 8);
+      // What is left, fewer than kBlockSteps steps: blocks of 4, 2 and 1 steps, then a partial one.
+      static_assert(kBlockSteps == 8);
       if (c + 4 * step <= channels) {
         blocks(integral_constant<int, 4>{}, std::false_type{}, c, 0);
         c += 4 * step;
