@@ -112,6 +112,16 @@ def is_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
+def is_stochastic_depth(node: fx.Node) -> bool:
+    """A call of torchvision's ``stochastic_depth`` (Swin's residual branches end in one; torch.fx
+    keeps it a call): per-sample dropping of a residual branch in training, the identity in eval."""
+    target = node.target
+    return (
+        node.op == "call_function" and getattr(target, "__name__", None) == "stochastic_depth"
+        and str(getattr(target, "__module__", "")).startswith("torchvision.")
+    )
+
+
 def trace_model(model: nn.Module) -> fx.GraphModule:
     """The whole model as a GraphModule of torch.nn layers and easier_ext sites.
 

@@ -216,3 +216,234 @@ def test_latency_cost_folds_exactly():
     x = torch.randn(2, 4, 16, 16)
     folded = ee.fold(model, x, cost="latency")
     assert relative_error(reference_forward(folded, x), reference_forward(model, x)) <= 1e-5
+
+
+# -- layers emptied by pruning: their residual branches become constants ---------------------------
+
+
+class ResidualBlock(nn.Module):
+    """relu(bn2(conv2(relu(bn1(conv1(x))))) + x), as torchvision's BasicBlock."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += x
+        return self.relu(out)
+
+
+def empty(layer: nn.Module) -> None:
+    """What NEPENTHE does to a layer it prunes completely (its weight detached, as it leaves it)."""
+    torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=1.0)
+    layer.weight = layer.weight.detach()
+    assert not layer.weight.any()
+
+
+def called_modules(gm, kind) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)]
+
+
+def assert_folds_exactly(model: nn.Module, folded: nn.Module, *inputs: torch.Tensor) -> None:
+    """Folded and unfolded agree on the example input and on inputs of other shapes."""
+    for x in inputs:
+        assert relative_error(reference_forward(folded, x), reference_forward(model, x)) <= 1e-5
+
+
+def test_emptied_conv_turns_its_residual_branch_into_a_constant():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ResidualBlock(), 0).eval()
+    empty(model.conv2)
+    x = torch.randn(2, 8, 6, 6)
+    folded = ee.fold(model, x)
+    # the bias bn2 gives the emptied conv is all the branch adds: the block is relu(x + shift)
+    shift = (model.bn2.bias - model.bn2.running_mean * model.bn2.weight / (model.bn2.running_var + model.bn2.eps).sqrt()).reshape(1, -1, 1, 1)
+    for z in (x, torch.randn(3, 8, 11, 5)):
+        expected = torch.relu(z + shift).detach()
+        assert relative_error(reference_forward(folded, z), expected) <= 1e-5
+        assert relative_error(reference_forward(model, z), expected) <= 1e-5
+    assert called_modules(folded, _ConvNd) == [] and not any(isinstance(m, _ConvNd) for m in folded.modules())
+    assert "conv2 is empty: its branch became a constant added at add" in folded.fold_log
+    before, after = cost(model, x, latency=False), cost(folded, x, latency=False)
+    assert after.depth < before.depth and after.macs < before.macs
+
+
+@pytest.mark.parametrize("stem", [True, False])
+def test_emptied_conv_with_zero_shift_drops_its_branch_and_the_addition(stem):
+    torch.manual_seed(0)
+    block = randomize_batchnorm(ResidualBlock(), 5).eval()
+    with torch.no_grad():  # bn2 adds nothing: the emptied branch is zero
+        block.bn2.running_mean.zero_()
+        block.bn2.bias.zero_()
+    empty(block.conv2)
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), block).eval() if stem else block
+    x = torch.randn(2, 8, 6, 6)
+    folded = ee.fold(model, x)
+    assert_folds_exactly(model, folded, x, torch.randn(3, 8, 4, 7))
+    given = x.clone()
+    reference_forward(folded, x)
+    assert torch.equal(x, given)
+    assert called_modules(folded, _ConvNd) == (["0"] if stem else [])
+    adds = [n for n in folded.graph.nodes if n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add)]
+    # the block's in-place ReLU may write into the stem's output, which nothing reads after it,
+    # not into the caller's input: that one gets a buffer of zeros added instead
+    assert len(adds) == (0 if stem else 1)
+    assert len(dict(folded.named_buffers())) == (0 if stem else 1)
+
+
+def test_constant_stops_at_a_padded_conv():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ResidualBlock(), 1).eval()
+    empty(model.conv1)  # conv2 sees the constant with zeros around it: its output is not constant
+    x = torch.randn(2, 8, 3, 3)  # as small as conv2's kernel: one window of the constant is the whole map
+    folded = ee.fold(model, x)
+    assert_folds_exactly(model, folded, x, torch.randn(1, 8, 9, 4))
+    assert called_modules(folded, _ConvNd) == ["conv1", "conv2"]
+    assert not any("is empty" in line for line in folded.fold_log)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's x + bn(project(relu6(bn(dw(relu6(bn(expand(x)))))))), ReLU6 in place."""
+
+    def __init__(self, channels: int = 4, hidden: int = 12, project_groups: int = 1):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, channels, 1, groups=project_groups, bias=False), nn.BatchNorm2d(channels),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+@pytest.mark.parametrize("project_groups", [1, 2])
+def test_emptied_depthwise_conv_folds_an_inverted_residual_to_a_constant(project_groups):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(InvertedResidual(project_groups=project_groups), 2).eval()
+    with torch.no_grad():  # the depthwise BN's shifts on both sides of ReLU6's kinks
+        model.conv[4].running_mean.zero_()
+        model.conv[4].bias.copy_(torch.linspace(-3.0, 9.0, 12))
+    empty(model.conv[3])
+    x = torch.randn(2, 4, 7, 7)
+    folded = ee.fold(model, x)
+    assert_folds_exactly(model, folded, x, torch.randn(1, 4, 3, 10))
+    assert called_modules(folded, nn.Module) == []
+    # the constant the block adds, worked out by hand from the layers' parameters
+    bn4, conv6, bn7 = model.conv[4], model.conv[6], model.conv[7]
+    hidden = (bn4.bias - bn4.running_mean * bn4.weight / (bn4.running_var + bn4.eps).sqrt()).clamp(0, 6)
+    w = conv6.weight[:, :, 0, 0]  # (4, 12 / groups): output o reads inputs of its group only
+    group_in = hidden.reshape(project_groups, -1)[torch.arange(4) // (4 // project_groups)]
+    projected = (w * group_in).sum(1)
+    added = (projected - bn7.running_mean) * bn7.weight / (bn7.running_var + bn7.eps).sqrt() + bn7.bias
+    (buffer,) = dict(folded.named_buffers()).values()
+    assert buffer.shape == (1, 4, 1, 1)
+    assert torch.allclose(buffer.flatten(), added.detach(), rtol=1e-5, atol=1e-6)
+
+
+class MlpResidual(nn.Module):
+    """Swin's x + Linear2(Dropout(GELU(Linear1(norm(x))))) on channel-last (N, H, W, C) tensors,
+    after a positional embedding that is added, not computed."""
+
+    def __init__(self, channels: int = 6, hidden: int = 16):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 1, 5, channels))
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(channels), nn.Linear(channels, hidden), nn.Linear(hidden, channels)
+        self.act, self.drop = nn.GELU(), nn.Dropout(0.1)
+
+    def forward(self, x):
+        x = x + self.pos
+        return x + self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+
+
+def test_emptied_linear_folds_a_channel_last_mlp_residual():
+    torch.manual_seed(0)
+    model = MlpResidual().eval()
+    empty(model.fc1)
+    x = torch.randn(2, 3, 5, 6)
+    folded = ee.fold(model, x)
+    assert_folds_exactly(model, folded, x, torch.randn(4, 7, 5, 6))
+    assert called_modules(folded, nn.Module) == []
+    expected = model.fc2(torch.nn.functional.gelu(model.fc1.bias)).detach()
+    buffers = dict(folded.named_buffers())
+    assert len(buffers) == 1 and torch.allclose(next(iter(buffers.values())), expected.reshape(1, 1, 1, 6), rtol=1e-5, atol=1e-6)
+    assert "pos" in dict(folded.named_parameters())  # an attribute added to x is no emptied layer's constant
+
+
+def test_emptied_layer_on_the_only_path_stays_exact():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 16, 5), nn.ReLU(), nn.Linear(5, 2),
+    )  # fmt: skip
+    model = randomize_batchnorm(net, 3).eval()
+    empty(model[3])
+    empty(model[7])
+    x = torch.randn(2, 3, 4, 4)
+    folded = ee.fold(model, x)
+    assert_folds_exactly(model, folded, x, torch.randn(5, 3, 4, 4))
+    assert not any("is empty" in line for line in folded.fold_log)  # no addition to take the constant
+
+
+def test_emptied_conv_behind_a_linearized_mask_site():
+    """conv (emptied) -> BN -> ReLU linearized to its exact 0/1 mask (x * buffer) -> 1x1 conv, + x."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn, self.relu, self.conv2 = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            return x + self.conv2(self.relu(self.bn(self.conv1(x))))
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    with torch.no_grad():
+        block.bn.bias.copy_(torch.tensor([2.0, -2.0, 1.0, -1.0, 3.0, -3.0]))
+    empty(block.conv1)
+    model = ee.convert(block)
+    data = [torch.randn(2, 4, 5, 5) for _ in range(2)]
+    ee.measure_entropy(model, data, progress=False)
+    ee.linearize(model, "relu")
+    assert torch.equal(ee.site(model, "relu").linear_scale, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0]))
+    folded = ee.fold(model, data[0])
+    assert_folds_exactly(model, folded, *data, torch.randn(1, 4, 8, 3))
+    assert called_modules(folded, nn.Module) == []
+    assert list(dict(folded.named_buffers())) == ["add_constant"]  # the mask's buffer went
+
+
+def test_resnet18_with_two_emptied_convs_loses_their_blocks_branches():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(build_model("resnet18", num_classes=10, small_input=True), 4).eval()
+    empty(model.layer1[0].conv2)
+    empty(model.layer3[1].conv2)
+    x = torch.randn(2, 3, 16, 16)
+    folded = ee.fold(model, x)
+    assert_folds_exactly(model, folded, x, torch.randn(1, 3, 8, 8))
+    convs = called_modules(folded, nn.Conv2d)
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules()) - 4
+    assert not {"layer1.0.conv1", "layer1.0.conv2", "layer3.1.conv1", "layer3.1.conv2"} & set(convs)
+    before, after = cost(model, x, latency=False), cost(folded, x, latency=False)
+    assert after.depth < before.depth and after.macs < before.macs
+
+
+def test_swin_t_with_an_emptied_mlp_loses_it():
+    """torchvision's Swin ends each MLP branch in stochastic_depth, the identity in eval mode."""
+    torch.manual_seed(0)
+    model = build_model("swin_t", num_classes=10, small_input=True).eval()
+    with torch.no_grad():  # torchvision starts the MLPs' biases at zero: the constant would be too
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_()
+    empty(model.features[1][1].mlp[0])
+    model = ee.convert(model)  # its GELU sites go back to nn.GELU in fold, in eval mode
+    x = torch.randn(1, 3, 16, 16)
+    folded = ee.fold(model, x)
+    assert_folds_exactly(model, folded, x, torch.randn(1, 3, 32, 32))
+    linears = called_modules(folded, nn.Linear)
+    assert "features.1.0.mlp.3" in linears and not {"features.1.1.mlp.0", "features.1.1.mlp.3"} & set(linears)
+    assert "features.1.1.mlp.0 is empty: its branch became a constant added at add_3" in folded.fold_log
