@@ -1,14 +1,21 @@
-"""torchvision models by name, with CIFAR-style stems for small (32x32) images."""
+"""torchvision models by name, with CIFAR-style stems (and a small Swin-T) for small (16x16, 32x32) images."""
 
 from __future__ import annotations
 
 import torchvision
 from torch import nn
+from torchvision.models.swin_transformer import SwinTransformer
 
-__all__ = ["build_model", "SMALL_INPUT_FAMILIES"]
+__all__ = ["build_model", "SMALL_INPUT_FAMILIES", "SMALL_SWIN_T"]
 
-#: Families whose stem ``build_model(..., small_input=True)`` adapts to 32x32 images.
-SMALL_INPUT_FAMILIES = ("resnet", "vgg", "mobilenet_v2")
+#: Families that ``build_model(..., small_input=True)`` adapts to small (16x16, 32x32) images.
+SMALL_INPUT_FAMILIES = ("resnet", "vgg", "mobilenet_v2", "swin_t")
+
+#: ``swin_t`` with ``small_input``: Swin-T's shape (depths 2-2-6-2, so 12 MLP GELUs; heads doubling
+#: per stage; MLP ratio 4) at a size for 16x16 and 32x32 images: 2x2 patches (a 16x16 image is 8x8
+#: tokens, then 4x4, 2x2, 1x1 after the three patch mergings), 4x4 windows, a quarter of the width.
+SMALL_SWIN_T = dict(patch_size=[2, 2], embed_dim=32, depths=[2, 2, 6, 2], num_heads=[1, 2, 4, 8],
+                    window_size=[4, 4], stochastic_depth_prob=0.05)
 
 
 def build_model(name: str, num_classes: int = 10, *, small_input: bool = False, weights=None) -> nn.Module:
@@ -22,18 +29,27 @@ def build_model(name: str, num_classes: int = 10, *, small_input: bool = False, 
         small_input: a CIFAR-style stem for 32x32 images, from the same definitions: ResNets get a
             3x3 stride-1 first conv and no max-pool (as in the EASIER paper); VGGs pool to 1x1 and
             use a 512-wide classifier (same number of ReLUs); MobileNetV2 keeps the resolution in
-            its first conv and first stride-2 block.
+            its first conv and first stride-2 block; ``swin_t`` is built smaller
+            (:data:`SMALL_SWIN_T`: Swin-T's depths 2-2-6-2 and 12 GELUs, with 2x2 patches, 4x4
+            windows, embed_dim 32), which takes 16x16 and 32x32 images (not with ``weights``).
         weights: torchvision weights name or enum (e.g. ``"DEFAULT"``), or None for random init.
 
     Returns:
         the model (train mode).
 
     Raises:
-        ValueError: unknown name, or ``small_input`` for a family it is not implemented for.
+        ValueError: unknown name, ``small_input`` for a family it is not implemented for, or
+            ``small_input`` swin_t with ``weights``.
     """
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         raise ValueError(f"unknown model {name!r}; expected a torchvision classification model, e.g. {', '.join(sorted(known)[:8])}, ...")
+    if small_input and name == "swin_t":
+        if weights is not None:
+            raise ValueError("small_input swin_t is a smaller Swin-T (2x2 patches, 4x4 windows, embed_dim "
+                             f"{SMALL_SWIN_T['embed_dim']}) that pretrained swin_t weights do not fit; "
+                             "pass small_input=False to use them")
+        return SwinTransformer(num_classes=num_classes, **SMALL_SWIN_T)
     if weights is None:
         model = torchvision.models.get_model(name, num_classes=num_classes)
     else:
