@@ -28,7 +28,7 @@ DATASET_DEFAULTS = {
 }
 SMALL_INPUT_DATASETS = ("digits", "cifar10", "cifar100")
 # the run options that only one method takes
-METHOD_OPTIONS = {"easier": ("fold_aware", "fold_tolerance"), "nepenthe": ("zeta",)}
+METHOD_OPTIONS = {"easier": ("fold_aware", "fold_tolerance"), "nepenthe": ("zeta", "allocation", "layer_cap", "temperature")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -69,6 +69,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="layer entropy aggregate (default: the method's own)")
     g.add_argument("--zeta", type=float, default=None,
                    help="nepenthe: fraction of the remaining eligible weights pruned per iteration (default: 0.5)")
+    g.add_argument("--allocation", choices=["guarded", "reference"], default=None,
+                   help="nepenthe: how an iteration's pruning is shared among sites: guarded (default) empties only layers a "
+                        "residual sum bypasses and caps the others; reference is the paper's split, which can empty a layer "
+                        "on the only path")
+    g.add_argument("--layer-cap", type=float, default=None,
+                   help="nepenthe --allocation guarded: largest fraction of a non-bypassed site's remaining weights pruned "
+                        "per iteration (default: 0.5)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="nepenthe: divides the budget split's softmax logits; above 1 spreads the pruning (default: 1)")
     g.add_argument("--protect", nargs="*", default=[], metavar="SITE", help="sites never linearized (nor pruned)")
     g.add_argument("--measure-batches", type=int, default=None, help="batches per entropy measurement (default: all)")
     g.add_argument("--max-iterations", type=int, default=None, help="cap on linearize-finetune iterations")
@@ -79,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("training")
     g.add_argument("--pretrain-epochs", type=int, default=None,
                    help="train the dense model first for this many epochs (default: 0 with --weights, else digits 8, CIFAR 60, ImageFolder 30)")
+    g.add_argument("--pretrain-lr", type=float, default=None,
+                   help="learning rate of the dense pretraining (cosine schedule; default: 5x --lr with SGD, --lr with AdamW)")
     g.add_argument("--epochs", type=int, default=None, help="finetune epochs after each linearization (default: digits 1, CIFAR 10, ImageFolder 5)")
     g.add_argument("--lr", type=float, default=None, help="finetune learning rate (default: 0.01; ImageFolder 0.001)")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
@@ -231,6 +242,12 @@ def _run(args) -> int:
     # checked here as well as by the method, so that bad values fail before any pretraining
     if "zeta" in given and not 0 < args.zeta <= 1:
         raise ValueError(f"--zeta must be in (0, 1] (the fraction of remaining weights pruned per iteration), got {args.zeta}")
+    if "layer_cap" in given and not 0 < args.layer_cap <= 1:
+        raise ValueError(f"--layer-cap must be in (0, 1] (a fraction of a site's remaining weights), got {args.layer_cap}")
+    if "temperature" in given and not 0 < args.temperature < float("inf"):
+        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.pretrain_lr is not None and not 0 < args.pretrain_lr < float("inf"):
+        raise ValueError(f"--pretrain-lr must be a finite number > 0, got {args.pretrain_lr}")
     if "fold_tolerance" in given and args.fold_tolerance < 0:
         raise ValueError(f"--fold-tolerance must be >= 0 bits, got {args.fold_tolerance}")
     args.run_dir = args.run_dir or Path("runs") / args.method
@@ -250,13 +267,16 @@ def _run(args) -> int:
     config = {"model": args.model, "small_input": args.small_input, "weights": str(args.weights) if args.weights else None,
               "dataset": args.dataset, "image_size": size, "batch_size": args.batch_size, "method": args.method,
               "pretrain_epochs": pretrain}
+    if args.pretrain_lr is not None:  # recorded when given (else it follows from the recipe's lr and optimizer)
+        config["pretrain_lr"] = args.pretrain_lr
+    pretrain_lr = args.pretrain_lr if args.pretrain_lr is not None else (lr * 5 if args.optimizer == "sgd" else lr)
     pretrained = args.run_dir / "dense.pt"
     if pretrain and args.resume and pretrained.exists():
         model.load_state_dict(torch.load(pretrained, map_location=device))
     elif pretrain:
         if args.run_dir.exists() and (args.run_dir / "config.json").exists() and not args.resume:
             raise ValueError(f"{args.run_dir} already holds a run; pass --resume to continue it, or use another --run-dir")
-        finetune(model, train_loader, Recipe(epochs=pretrain, lr=lr * 5 if args.optimizer == "sgd" else lr,
+        finetune(model, train_loader, Recipe(epochs=pretrain, lr=pretrain_lr,
                                              optimizer=args.optimizer, schedule="cosine", weight_decay=args.weight_decay,
                                              amp=not args.no_amp), device=device, progress=not args.quiet)
         if is_main_process():

@@ -12,7 +12,10 @@ from torch import nn
 
 from easier_ext.convert import convert, sites
 from easier_ext.linearize import linearize, move_padding
-from easier_ext.pruning import PRUNABLE, bake_pruning, feeding_layers, irrelevance, prune_magnitude, sparsity, split_budget, weight
+from easier_ext.pruning import (
+    ALLOCATIONS, PRUNABLE, Paths, bake_pruning, bypassed_sites, feeding_layers, guarded_capacity, irrelevance, prune_magnitude,
+    sparsity, split_budget, weight,
+)
 from easier_ext.schedule import Schedule, ScheduleResult
 from easier_ext.train import _is_real
 
@@ -30,15 +33,24 @@ class NEPENTHE(Schedule):
     the mean over neurons that are neither always ON nor always OFF, measured in eval mode so that
     a constant site is constant where the model is used). Every live site gets its irrelevance
     ``I_l = H_l * mean|w|`` over the nonzero weights of the conv/linear layers feeding it; ``zeta``
-    of the nonzero weights of those layers is pruned, ``n_l = total * softmax_l(sum_k I_k / I_l)``
-    from each site's layers (capped at what a site holds, the rest shared again), by magnitude
-    within a site's layers, with masks that keep pruned weights at zero through finetuning; the
-    model is finetuned; then its entropies are measured, and every site at zero entropy is
-    replaced by its exact equivalent on the measured data (the identity, or a per-neuron 0/1
-    multiplier when some neurons are always OFF; for ReLU6 the upper clamp is dropped, as in the
-    paper) and no longer pruned; the model is evaluated. Before the next finetune, the padding of
-    conv chains that now pay to merge across replaced sites moves to the chain's first conv (as
-    :func:`easier_ext.linearize` does for EASIER), so that folding them is exact. It stops as
+    of the nonzero weights of those layers is pruned, ``n_l = total * softmax_l(sum_k I_k / (T I_l))``
+    from each site's layers, by magnitude within a site's layers, with masks that keep pruned
+    weights at zero through finetuning. With ``allocation="reference"`` a site is capped only at
+    what it holds (the rest shared again), as in the reference code: on a plain chain (VGG,
+    MobileNetV2's non-residual blocks) that empties a layer on the only path and the output
+    becomes constant. With ``"guarded"`` (the default) only bypassed sites (see
+    :func:`easier_ext.pruning.bypassed_sites`: a residual sum goes around their branch, which
+    then folds away whole) may be emptied, one per iteration (the least irrelevant); any other
+    site loses at most ``layer_cap`` of its remaining weights per iteration and never the last
+    weight of a neuron; what they cannot take is shared among the others (and left unpruned when
+    nobody can). The model is finetuned; then
+    its entropies are measured, and every site at zero entropy is replaced by its exact
+    equivalent on the measured data (the identity, or a per-neuron 0/1 multiplier when some
+    neurons are always OFF; for ReLU6 the upper clamp is dropped, as in the paper), as is every
+    site whose output no longer reaches the model's (it only fed emptied layers); replaced sites
+    are no longer pruned. The padding of conv chains that now pay to merge across replaced sites
+    moves to the chain's first conv (as :func:`easier_ext.linearize` does for EASIER), so that
+    folding them is exact; the model is evaluated as it is then. It stops as
     :class:`easier_ext.EASIER` does (budget with patience, no site left, ``max_iterations``), or
     when nothing is left to prune. The best model within the budget (most sites linearized, then
     the highest sparsity) is returned folded; the run directory also gets it with its sparse
@@ -50,6 +62,12 @@ class NEPENTHE(Schedule):
         train_loader, val_loader, example_input: see :class:`easier_ext.schedule.Schedule`.
         zeta: the fraction of the remaining nonzero eligible weights pruned per iteration, in
             ``(0, 1]`` (the paper's default 0.5: sparsity ``1 - 0.5^i`` after ``i`` iterations).
+        allocation: one of :data:`easier_ext.pruning.ALLOCATIONS`: ``"guarded"`` (default) or
+            ``"reference"`` (the paper's split; see above).
+        layer_cap: ``"guarded"``: the largest fraction of a non-bypassed site's remaining
+            weights one iteration prunes, in ``(0, 1]``.
+        temperature: ``T > 0`` dividing the split's softmax logits (1 in the reference code;
+            larger spreads the pruning over more sites).
         **options: the options every schedule takes (see :class:`easier_ext.schedule.Schedule`):
             ``budget`` (top-1 points, default 1), ``recipe``, ``train_fn``, ``protect`` (sites
             neither pruned nor linearized), ``aggregate`` (default ``"nepenthe"``),
@@ -58,7 +76,8 @@ class NEPENTHE(Schedule):
             ``run_dir``, ``resume``, ``config``, ``latency``, ``device``, ``seed``, ``progress``.
 
     Raises:
-        ValueError: a bad ``zeta``, or a bad common option.
+        ValueError: a bad ``zeta``, ``allocation``, ``layer_cap`` or ``temperature``, or a bad
+            common option.
         KeyError: an unknown site in ``protect``.
         RuntimeError: torch.fx cannot trace the model.
     """
@@ -73,11 +92,20 @@ class NEPENTHE(Schedule):
         *,
         example_input: torch.Tensor,
         zeta: float = 0.5,
+        allocation: str = "guarded",
+        layer_cap: float = 0.5,
+        temperature: float = 1.0,
         **options,
     ) -> None:
         if not _is_real(zeta) or not 0 < zeta <= 1:
             raise ValueError(f"zeta must be the fraction of remaining weights pruned per iteration, in (0, 1], got {zeta!r}")
-        self.zeta = float(zeta)
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {allocation!r}; expected one of {ALLOCATIONS}")
+        if not _is_real(layer_cap) or not 0 < layer_cap <= 1:
+            raise ValueError(f"layer_cap must be the fraction of a site's remaining weights pruned per iteration, in (0, 1], got {layer_cap!r}")
+        if not _is_real(temperature) or not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.zeta, self.allocation, self.layer_cap, self.temperature = float(zeta), allocation, float(layer_cap), float(temperature)
         options.setdefault("aggregate", "nepenthe")
         options.setdefault("measure_train_mode", False)
         model = model if sites(model) else convert(model)
@@ -86,7 +114,7 @@ class NEPENTHE(Schedule):
         except RuntimeError as e:
             raise RuntimeError(f"NEPENTHE finds the layers that feed each site from the model's torch.fx graph: {e}") from e
         self.prunable = [layer for layers in self.feeds.values() for layer in layers]
-        settings = {"method": "nepenthe", "zeta": self.zeta}
+        settings = {"method": "nepenthe", "zeta": self.zeta, "allocation": allocation, "layer_cap": self.layer_cap, "temperature": self.temperature}
         super().__init__(model, train_loader, val_loader, example_input=example_input, settings=settings, **options)
 
     def _entropies(self, model: nn.Module, trajectory: list[dict]) -> dict[str, float]:
@@ -100,22 +128,51 @@ class NEPENTHE(Schedule):
         live = [n for n in remaining if n not in zero]
         weights = {n: [weight(model.get_submodule(layer)) for layer in self.feeds[n]] for n in live}
         irrelevances = {n: irrelevance(entropies[n], weights[n]) for n in live}
-        capacity = {n: sum(int(w.count_nonzero()) for w in weights[n]) for n in live}
-        eligible = sum(capacity[n] for n in live if irrelevances[n] > 0)
-        if not zero and eligible == 0:
-            return None
+        nonzero = {n: sum(int(w.count_nonzero()) for w in weights[n]) for n in live}
+        eligible = sum(nonzero[n] for n in live if irrelevances[n] > 0)
         total = max(1, math.floor(self.zeta * eligible)) if eligible else 0
-        shares = split_budget(total, irrelevances, capacity)
+        shares, may_empty, bypassed = self._allocate(model, total, irrelevances, weights, nonzero)
+        if not zero and not any(shares.values()):
+            return None
         for n, amount in shares.items():
-            prune_magnitude(model, self.feeds[n], amount)
+            prune_magnitude(model, self.feeds[n], amount, keep_neurons=not may_empty[n])
         moved = move_padding(model)
-        return {"removed": zero, "pruned": {n: a for n, a in shares.items() if a}, "irrelevance": irrelevances, "padding_moved": moved}
+        return {
+            "removed": zero, "pruned": {n: a for n, a in shares.items() if a}, "irrelevance": irrelevances,
+            "bypassed": [n for n, b in bypassed.items() if b], "emptied": [n for n, a in shares.items() if a and a == nonzero[n]],
+            "padding_moved": moved,
+        }
+
+    def _allocate(self, model: nn.Module, total: int, irrelevances: dict, weights: dict, nonzero: dict) -> tuple[dict, dict]:
+        """The weights each live site loses, and which sites may lose all their weights: every
+        one (reference), or the one bypassed site to be emptied, if any, and which are bypassed
+        (guarded)."""
+        if self.allocation == "reference":
+            return split_budget(total, irrelevances, nonzero, temperature=self.temperature), {n: True for n in irrelevances}, {}
+        bypassed = bypassed_sites(model, {n: self.feeds[n] for n in irrelevances})
+        may_empty = dict(bypassed)
+        while True:
+            capacity = {n: nonzero[n] if may_empty[n] else guarded_capacity(weights[n], self.layer_cap) for n in irrelevances}
+            room = sum(c for n, c in capacity.items() if irrelevances[n] > 0)
+            shares = split_budget(min(total, room), irrelevances, capacity, temperature=self.temperature)
+            emptied = [n for n in shares if may_empty[n] and 0 < shares[n] == nonzero[n]]
+            if len(emptied) <= 1:  # one is safe: bypassed_sites counts the layers already empty
+                return shares, may_empty, bypassed
+            # One branch goes per iteration, as EASIER removes one site per step, so that each
+            # finetune has one loss to recover from (two ResNet blocks at once on the digits: -3.9
+            # points), and so that branches that bypass each other are not emptied together.
+            may_empty[max(emptied, key=irrelevances.__getitem__)] = False
 
     def _after_finetune(self, model: nn.Module, step: dict, k: int) -> dict:
         entropies = self._measure(model, k)
         zero = [n for n in self._remaining(model) if entropies[n] == 0.0]
         linearize(model, zero, mode="auto", prepare_fold=False)  # exact on the measured data
-        return {**step, "removed": step["removed"] + zero, "entropies": entropies}
+        # sites that only fed emptied layers: the output no longer depends on them
+        dead = [n for n in self._remaining(model) if n in Paths(model).unused()]
+        linearize(model, dead, mode="identity", prepare_fold=False)
+        moved = move_padding(model)  # so that the final fold merges this iteration's chains too
+        padding = list(dict.fromkeys(step.get("padding_moved", []) + moved))
+        return {**step, "removed": step["removed"] + zero + dead, "dead": dead, "padding_moved": padding, "entropies": entropies}
 
     def _state(self, model: nn.Module) -> dict:
         overall, per_layer = sparsity(model, self.prunable)

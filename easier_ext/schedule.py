@@ -316,10 +316,13 @@ class Schedule:
 
 
 def summary(result: ScheduleResult) -> dict:
-    """The run's outcome as JSON-able data."""
+    """The run's outcome as JSON-able data: accuracies, sites removed, costs before and after, why
+    it stopped, the finetune epochs all iterations spent, and NEPENTHE's sparsity."""
     out = {
         "dense_accuracy": result.dense_accuracy, "accuracy": result.accuracy, "removed": result.removed,
         "before": result.before.as_dict(), "after": result.after.as_dict(), "stopped": result.stopped,
+        # what the whole run cost, past the returned iteration too (none are logged with a train_fn)
+        "finetune_epochs": sum(len(log["finetune"]) for log in result.trajectory[1:]),
     }
     if result.sparsity is not None:
         out["sparsity"] = result.sparsity

@@ -47,6 +47,7 @@ def test_run_writes_a_complete_run_directory(model_file, tmp_path, capsys):
         assert (run_dir / name).exists(), name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(summary["removed"]) >= 2 and summary["after"]["depth"] <= summary["before"]["depth"]
+    assert summary["finetune_epochs"] == 2  # --epochs 1, --max-iterations 2
     assert list((run_dir / "plots").glob("*.png"))
     # the folded model loads and runs without easier_ext
     code = (
@@ -82,6 +83,7 @@ def test_measure_and_fold_and_report(model_file, tmp_path, capsys):
         (["run", "--model", "no_such_net", "--quiet"], "unknown model 'no_such_net'"),
         (["run", "--dataset", "mnist", "--quiet"], "unknown dataset"),
         (["run", "--budget", "150", "--quiet"], r"--budget must be in \[0, 100\]"),
+        (["run", "--pretrain-lr", "0", "--quiet"], "--pretrain-lr must be a finite number > 0"),
         (["run", "--dataset", "cifar10", "--data-root", "/nonexistent/cifar", "--quiet"], "/nonexistent/cifar"),
         (["fold", "/nonexistent/ckpt.pt"], "does not exist"),
         (["run", "--model", "vgg11", "--image-size", "8", "--quiet"], r"cannot run on \(3, 8, 8\) inputs of digits .*--image-size"),
@@ -103,5 +105,33 @@ def test_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--method", "--budget", "--zeta", "--patience", "--fold-aware", "--fold-tolerance", "--resume", "--run-dir"):
+    for flag in ("--method", "--budget", "--zeta", "--allocation", "--layer-cap", "--temperature", "--patience", "--fold-aware",
+                 "--fold-tolerance", "--pretrain-lr", "--resume", "--run-dir"):
         assert flag in out, flag
+
+
+@pytest.mark.parametrize(
+    "extra, pretrain_lr",
+    [(["--optimizer", "adamw", "--lr", "0.0005", "--pretrain-lr", "0.003"], 0.003),  # given
+     (["--lr", "0.05"], 0.25),  # SGD's default: 5x the finetune lr
+     (["--optimizer", "adamw", "--lr", "0.0005"], 0.0005)],  # AdamW's default: the finetune lr
+)
+def test_pretraining_learning_rate(model_file, tmp_path, monkeypatch, extra, pretrain_lr):
+    import easier_ext.train
+
+    recipes = []
+    real = easier_ext.train.finetune
+
+    def recording(model, loader, recipe, **kwargs):
+        recipes.append(recipe)
+        return real(model, loader, recipe, **kwargs)
+
+    monkeypatch.setattr(easier_ext.train, "finetune", recording)
+    run_dir = tmp_path / "run"
+    # the case's --lr comes after run_args' own (0.05), and the last one given counts
+    assert main(run_args(model_file, run_dir, "--max-iterations", "1", *extra)) == 0
+    pretraining = recipes[0]  # the CLI's dense pretraining comes first
+    assert pretraining.lr == pytest.approx(pretrain_lr) and pretraining.schedule == "cosine" and pretraining.epochs == 2
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config.get("pretrain_lr") == (0.003 if "--pretrain-lr" in extra else None)
+

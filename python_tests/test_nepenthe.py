@@ -15,7 +15,9 @@ import easier_ext as ee
 from testing import on_two_gloo_ranks
 from easier_ext.cli import main
 from easier_ext.nepenthe import NEPENTHE
-from easier_ext.pruning import bake_pruning, feeding_layers, irrelevance, prune_magnitude, sparsity, split_budget, weight
+from easier_ext.pruning import (
+    Paths, bake_pruning, bypassed_sites, feeding_layers, guarded_capacity, irrelevance, prune_magnitude, sparsity, split_budget, weight,
+)
 from easier_ext.train import Recipe, finetune
 from test_easier import bn_free_cnn, loaders, schedule, tiny_cnn, tiny_data
 
@@ -32,6 +34,16 @@ def test_split_budget_matches_a_hand_computed_example():
     assert split_budget(100, irr, {"a": 50, "b": 1000, "c": 1000}) == {"a": 50, "b": 41, "c": 9}
     # b's share after a is capped exceeds its 40: capped too, c takes the rest
     assert split_budget(100, irr, {"a": 50, "b": 40, "c": 1000}) == {"a": 50, "b": 40, "c": 10}
+
+
+def test_split_budget_temperature_divides_the_logits():
+    # T = 2: logits S / (T I) = (3.5, 1.75, 0.875), softmax = (0.802430, 0.139441, 0.058129):
+    # 80.24, 13.94, 5.81 -> floors 80, 13, 5; the 2 units left to b (.94) and c (.81)
+    irr = {"a": 1.0, "b": 2.0, "c": 4.0}
+    assert split_budget(100, irr, {"a": 1000, "b": 1000, "c": 1000}, temperature=2.0) == {"a": 80, "b": 14, "c": 6}
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            split_budget(10, irr, {"a": 10, "b": 10, "c": 10}, temperature=bad)
 
 
 def test_feeding_layers_take_every_branch_of_equal_depth():
@@ -89,6 +101,52 @@ def test_feeding_layers_follow_the_graph_through_batchnorm_and_residual_sums():
     assert len(taken) == len(set(taken)) and "fc" not in taken
 
 
+# -- which sites are bypassed ------------------------------------------------------------------
+class SkipBlock(nn.Module):
+    """stem -> a -> (fc1 -> b -> fc2) + skip -> c -> head: b's and c's layers are bypassed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.fc1, self.fc2, self.head = nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.a, self.b, self.c = nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        h = self.a(self.stem(x))
+        return self.head(self.c(h + self.fc2(self.b(self.fc1(h)))))
+
+
+def test_bypassed_sites_on_hand_built_models():
+    model = ee.convert(SkipBlock())
+    assert feeding_layers(model) == {"a": ["stem"], "b": ["fc1"], "c": ["fc2"]}
+    # emptying fc1 makes b constant, and fc2 of a constant is one: the whole branch is a constant
+    assert bypassed_sites(model) == {"a": False, "b": True, "c": True}
+    assert bypassed_sites(ee.convert(mlp())) == {"1": False, "3": False}  # a plain chain
+    paths = Paths(model)
+    assert paths.connected() and paths.connected(["fc1", "fc2"]) and not paths.connected(["stem"])
+
+
+def _torchvision_bypassed(name: str) -> list:
+    model = ee.convert(ee.build_model(name, num_classes=10, small_input=True))
+    return [site for site, b in bypassed_sites(model).items() if b]
+
+
+def test_bypassed_sites_on_torchvision_models():
+    # ResNet: each block's second site (fed by conv2, right before the residual sum); not the first,
+    # whose constant would still go through the padded conv2
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert _torchvision_bypassed("resnet18") == [f"{b}.relu_1" for b in blocks]
+    assert _torchvision_bypassed("vgg16_bn") == []  # a plain chain
+    # MobileNetV2: the depthwise site of each block with a residual sum (stride 1, same width);
+    # its constant goes through the unpadded 1x1 projection into the sum
+    residual = [3, 5, 6, 8, 9, 10, 12, 13, 15, 16]
+    assert _torchvision_bypassed("mobilenet_v2") == [f"features.{i}.conv.1.2" for i in residual]
+    # Swin: every block's MLP GELU (its first Linear's constant goes through the second Linear and
+    # stochastic depth into the residual sum)
+    stages = [(1, 2), (3, 2), (5, 6), (7, 2)]
+    assert _torchvision_bypassed("swin_t") == [f"features.{s}.{b}.mlp.1" for s, n in stages for b in range(n)]
+
+
 # -- magnitude pruning and its masks -----------------------------------------------------------
 def mlp() -> nn.Module:
     torch.manual_seed(0)
@@ -119,6 +177,21 @@ def test_prune_magnitude_zeroes_the_smallest_weights_across_layers():
     assert sum(int((weight(model[i]) == 0).sum()) for i in (0, 2)) == 150
     with pytest.raises(ValueError, match="cannot prune 1000 weights"):
         prune_magnitude(model, ["0"], 1000)
+
+
+def test_prune_magnitude_can_keep_each_neurons_largest_weight():
+    model = mlp()
+    w0 = model[0].weight.detach().clone()  # (16, 4)
+    assert guarded_capacity([w0], 1.0) == 64 - 16 and guarded_capacity([w0], 0.5) == 32
+    prune_magnitude(model, ["0"], 48, keep_neurons=True)
+    w = weight(model[0])
+    # each row keeps exactly its largest-magnitude weight
+    expected = torch.zeros_like(w0)
+    top = w0.abs().argmax(dim=1)
+    expected[torch.arange(16), top] = w0[torch.arange(16), top]
+    torch.testing.assert_close(w, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="largest weight of each neuron kept"):
+        prune_magnitude(model, ["0"], 1, keep_neurons=True)
 
 
 def test_masks_persist_through_finetuning_deepcopy_and_save_load(tmp_path):
@@ -183,12 +256,123 @@ def test_a_site_at_zero_entropy_is_replaced_exactly_and_no_longer_pruned(build, 
     assert site.linearized and sorted(set(site.linear_scale.tolist())) == [0.0, 1.0]  # a 0/1 mask
     assert all(h > 0 for n, h in step["entropies"].items() if n not in step["removed"])
     with torch.no_grad():
-        torch.testing.assert_close(work(x), before, rtol=0, atol=0)  # exact on the measured data
+        if isinstance(work[0], nn.Linear):
+            torch.testing.assert_close(work(x), before, rtol=0, atol=0)  # exact on the measured data
+        else:
+            # conv1x1 -> mask -> padded 3x3 now pays to merge: the padding moved to the chain's
+            # first conv, so the reference is the original with that padding and a 0/1 mask
+            assert step["padding_moved"] == ["3", "0"]
+            ref = build()
+            on = (ref[:2](x) > 0).transpose(0, 1).flatten(1).all(dim=1)  # the always-ON channels
+            ref[0].padding, ref[3].padding = (1, 1), (0, 0)
+            head = ref[:2](x) * on.to(x.dtype)[:, None, None]
+            torch.testing.assert_close(work(x), ref[3:](head))
     # the next step prunes only the live sites' layers
     first = weight(work[0]).clone()
     pruned = nep._step(work, step["entropies"])["pruned"]
     assert pruned and step["removed"][0] not in pruned
     torch.testing.assert_close(weight(work[0]), first, rtol=0, atol=0)
+
+
+# -- the guarded allocation --------------------------------------------------------------------
+def _nonzero_rows(w: torch.Tensor) -> int:
+    return int((w.reshape(w.shape[0], -1) != 0).any(dim=1).sum())
+
+
+def test_guarded_allocation_never_empties_a_layer_of_a_plain_chain():
+    data = mlp_data()
+    x = torch.cat([b[0] for b in data])
+    for allocation in ("guarded", "reference"):
+        nep = NEPENTHE(ee.convert(mlp()), data, data, example_input=x[:2], zeta=1.0, allocation=allocation, latency=False, progress=False)
+        work = copy.deepcopy(nep.model)
+        for _ in range(12):
+            if nep._step(work, {"1": 0.5, "3": 0.9}) is None:
+                break
+            if allocation == "guarded":  # every neuron keeps a weight, no layer loses more than half per step
+                assert _nonzero_rows(weight(work[0])) == 16 and _nonzero_rows(weight(work[2])) == 16
+        if allocation == "guarded":
+            assert int(weight(work[0]).count_nonzero()) == 16 and int(weight(work[2]).count_nonzero()) == 16
+        else:  # zeta = 1: the reference empties every layer at once, so the output no longer depends on x
+            assert not Paths(work).connected()
+
+
+def test_guarded_allocation_caps_each_non_bypassed_site_per_iteration():
+    data = mlp_data()
+    x = torch.cat([b[0] for b in data])
+    nep = NEPENTHE(ee.convert(mlp()), data, data, example_input=x[:2], zeta=0.8, layer_cap=0.25, latency=False, progress=False)
+    work = copy.deepcopy(nep.model)
+    step = nep._step(work, {"1": 0.1, "3": 0.9})
+    # site 1 has the least irrelevance but may lose only 25% (16 of 64); site 3 takes the rest of
+    # its own 25% (64 of 256): 80 of the 256 wanted
+    assert step["pruned"] == {"1": 16, "3": 64} and step["bypassed"] == step["emptied"] == []
+
+
+def test_guarded_allocation_may_empty_bypassed_layers_and_their_sites_go():
+    data = mlp_data()
+    x = torch.cat([b[0] for b in data])
+    nep = NEPENTHE(ee.convert(SkipBlock()), data, data, example_input=x[:2], zeta=1.0, latency=False, progress=False)
+    work = copy.deepcopy(nep.model).eval()
+    step = nep._step(work, {"a": 0.5, "b": 0.2, "c": 0.9})
+    assert step["bypassed"] == ["b", "c"] and step["emptied"] == ["b"]  # one branch per iteration: the least irrelevant
+    assert not weight(work.fc1).any()  # emptied: the branch is a constant
+    assert _nonzero_rows(weight(work.stem)) == 16 and _nonzero_rows(weight(work.fc2)) == 16  # capped, every neuron kept
+    after = nep._after_finetune(work, step, 1)
+    assert after["removed"] == ["b"] and after["dead"] == []  # b sees fc1's bias: constant, replaced
+
+
+def test_a_site_that_only_feeds_an_emptied_layer_is_dead_and_replaced():
+    data = mlp_data()
+    x = torch.cat([b[0] for b in data])
+    nep = NEPENTHE(ee.convert(SkipBlock()), data, data, example_input=x[:2], latency=False, progress=False)
+    work = copy.deepcopy(nep.model).eval()
+    prune_magnitude(work, ["fc2"], 256)  # b still varies, but nothing reads it any more
+    with torch.no_grad():
+        h = torch.relu(work.stem(x))
+        expected = work.head(torch.relu(h + work.fc2.bias))  # plain torch: the branch is fc2's bias
+        torch.testing.assert_close(work(x), expected)
+    step = nep._after_finetune(work, {"removed": []}, 1)
+    assert step["dead"] == ["b"] and step["removed"] == ["b"] and ee.sites(work)["b"].linearized
+    assert step["entropies"]["b"] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(work(x), expected)
+
+
+def test_a_combination_that_would_cut_every_path_is_not_emptied():
+    class TwoBypassed(nn.Module):
+        """x -> (f -> a) + (g -> b) -> c: f and g each bypassed by the other, not both."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.f, self.g, self.h, self.head = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.a, self.b, self.c = nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+        def forward(self, x):
+            return self.head(self.c(self.h(self.a(self.f(x)) + self.b(self.g(x)))))
+
+    data = mlp_data()
+    x = torch.cat([b[0] for b in data])
+    nep = NEPENTHE(ee.convert(TwoBypassed()), data, data, example_input=x[:2], zeta=1.0, latency=False, progress=False)
+    work = copy.deepcopy(nep.model)
+    step = nep._step(work, {"a": 0.1, "b": 0.5, "c": 0.9})
+    # each is bypassed by the other, but together they would cut the output off: one branch goes
+    # per iteration, the least irrelevant, and b (more relevant) is capped
+    assert step["bypassed"] == ["a", "b"] and step["emptied"] == ["a"] and not weight(work.f).any()
+    assert _nonzero_rows(weight(work.g)) == 8 and Paths(work).connected()
+    # now g is on the only path: no longer bypassed, never emptied
+    step = nep._step(work, {"a": 0.0, "b": 0.1, "c": 0.9})  # a, constant now, is replaced
+    assert step["bypassed"] == step["emptied"] == [] and _nonzero_rows(weight(work.g)) == 8 and Paths(work).connected()
+
+
+def test_bad_allocation_options_fail_before_anything_is_written(tmp_path):
+    for kwargs, message in [
+        ({"allocation": "greedy"}, "unknown allocation 'greedy'"),
+        ({"layer_cap": 0.0}, r"layer_cap must be .* in \(0, 1\]"), ({"layer_cap": 1.5}, r"layer_cap must be .* in \(0, 1\]"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"), ({"temperature": -2.0}, "temperature must be"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            nepenthe(run_dir=tmp_path / "run", **kwargs)
+        assert not (tmp_path / "run").exists()
 
 
 # -- the schedule ------------------------------------------------------------------------------
@@ -197,9 +381,10 @@ def nepenthe(model=None, **kwargs) -> NEPENTHE:
 
 
 def test_each_iteration_prunes_zeta_of_the_eligible_weights_and_masks_hold():
-    result = nepenthe(max_iterations=3).run()
+    result = nepenthe(max_iterations=3, allocation="reference").run()
     logs = result.trajectory
-    assert [log["iteration"] for log in logs] == [0, 1, 2, 3] and "max_iterations" in result.stopped
+    # the reference empties layers of this plain chain: by iteration 2 every site is constant or dead
+    assert [log["iteration"] for log in logs] == [0, 1, 2] and result.stopped == "no site left"
     assert logs[0]["sparsity"] == 0.0
     model = ee.convert(tiny_cnn())
     feeds = feeding_layers(model)
@@ -303,16 +488,29 @@ def test_cli_run_method_nepenthe(tmp_path, capsys):
 
     (tmp_path / "tiny_model.py").write_text(TINY_MODEL)
     run_dir = tmp_path / "run"
-    assert main(run_args(f"{tmp_path / 'tiny_model.py'}:tiny", run_dir, "--method", "nepenthe", "--zeta", "0.6")) == 0
+    assert main(run_args(f"{tmp_path / 'tiny_model.py'}:tiny", run_dir, "--method", "nepenthe", "--zeta", "0.6", "--temperature", "2")) == 0
     out = capsys.readouterr().out
     assert "sparsity" in out and "final_sparse.pt" in out
     for name in ("final_folded.pt", "final_sparse.pt", "summary.json", "report.md", "plots/sparsity.png"):
         assert (run_dir / name).exists(), name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == "nepenthe" and config["zeta"] == 0.6 and config["aggregate"] == "nepenthe"
+    assert config["allocation"] == "guarded" and config["layer_cap"] == 0.5 and config["temperature"] == 2.0
     assert "Sparsity per iteration" in (run_dir / "report.md").read_text()
     for wrong in (["--method", "nepenthe", "--fold-aware"], ["--method", "nepenthe", "--fold-tolerance", "0.1"], ["--zeta", "0.5"]):
         assert main(["run", *wrong, "--quiet"]) == 2
         assert "applies to --method" in capsys.readouterr().err
     assert main(["run", "--method", "nepenthe", "--zeta", "0", "--quiet"]) == 2
     assert "--zeta must be in (0, 1]" in capsys.readouterr().err
+    for wrong, message in [
+        (["--layer-cap", "0"], "--layer-cap must be in (0, 1]"), (["--layer-cap", "1.5"], "--layer-cap must be in (0, 1]"),
+        (["--temperature", "0"], "--temperature must be a finite number > 0"), (["--temperature", "-1"], "--temperature must be"),
+    ]:
+        assert main(["run", "--method", "nepenthe", *wrong, "--run-dir", str(tmp_path / "bad"), "--quiet"]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main(["run", "--method", "nepenthe", "--allocation", "greedy", "--quiet"])
+    assert "invalid choice: 'greedy'" in capsys.readouterr().err
+    for wrong in (["--allocation", "reference"], ["--layer-cap", "0.3"], ["--temperature", "2"]):
+        assert main(["run", *wrong, "--quiet"]) == 2
+        assert "applies to --method nepenthe only" in capsys.readouterr().err
