@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                         "on the only path")
     g.add_argument("--layer-cap", type=float, default=None,
                    help="nepenthe --allocation guarded: largest fraction of a non-bypassed site's remaining weights pruned "
-                        "per iteration (default: 0.5)")
+                        "per iteration (default: 0.1)")
     g.add_argument("--temperature", type=float, default=None,
                    help="nepenthe: divides the budget split's softmax logits; above 1 spreads the pruning (default: 1)")
     g.add_argument("--protect", nargs="*", default=[], metavar="SITE", help="sites never linearized (nor pruned)")
@@ -242,6 +242,8 @@ def _run(args) -> int:
     # checked here as well as by the method, so that bad values fail before any pretraining
     if "zeta" in given and not 0 < args.zeta <= 1:
         raise ValueError(f"--zeta must be in (0, 1] (the fraction of remaining weights pruned per iteration), got {args.zeta}")
+    if "layer_cap" in given and args.allocation == "reference":
+        raise ValueError("--layer-cap applies to --allocation guarded only (the reference split caps a site only at empty)")
     if "layer_cap" in given and not 0 < args.layer_cap <= 1:
         raise ValueError(f"--layer-cap must be in (0, 1] (a fraction of a site's remaining weights), got {args.layer_cap}")
     if "temperature" in given and not 0 < args.temperature < float("inf"):

@@ -317,6 +317,8 @@ class _Folder:
         if not isinstance(m, carriers) or len(node.args) != 1 or node.kwargs or m.training:
             return None
         m = copy.deepcopy(m).double()
+        if isinstance(m, nn.PReLU) and m.num_parameters == 1:
+            return m
         if isinstance(m, nn.PReLU):  # one slope per channel of dim 1
             return lambda x: m(x.expand(x.shape[0], m.num_parameters, *x.shape[2:]) if x.dim() > 1 else x)
         if isinstance(m, _ELEMENTWISE_MODULES):

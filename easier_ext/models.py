@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torchvision
 from torch import nn
 from torchvision.models.swin_transformer import SwinTransformer
@@ -49,7 +51,7 @@ def build_model(name: str, num_classes: int = 10, *, small_input: bool = False, 
             raise ValueError("small_input swin_t is a smaller Swin-T (2x2 patches, 4x4 windows, embed_dim "
                              f"{SMALL_SWIN_T['embed_dim']}) that pretrained swin_t weights do not fit; "
                              "pass small_input=False to use them")
-        return SwinTransformer(num_classes=num_classes, **SMALL_SWIN_T)
+        return SwinTransformer(num_classes=num_classes, **copy.deepcopy(SMALL_SWIN_T))  # the blocks keep its lists
     if weights is None:
         model = torchvision.models.get_model(name, num_classes=num_classes)
     else:

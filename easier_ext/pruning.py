@@ -84,7 +84,6 @@ def feeding_layers(model: nn.Module) -> dict[str, list[str]]:
 
 # normalization layers have weights but only rescale: the walk looks through them
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
-# functional layers: their weights are not a module's, so the walk stops there without taking them
 # what maps a per-channel constant to a per-channel constant (see Paths.collapses)
 _ADD = {operator.add, operator.iadd, torch.add}
 _ELEMENTWISE = _ADD | {
@@ -95,6 +94,7 @@ _CHANNELWISE_MODULES = (
     nn.modules.batchnorm._BatchNorm, EntropyActivation, nn.Dropout, nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU,
     nn.GELU, nn.SiLU, nn.Hardtanh, nn.Hardswish, nn.Sigmoid, nn.Tanh,
 )
+# functional layers: their weights are not a module's, so the walk stops there without taking them
 _FUNCTIONAL_LAYERS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.bilinear, torch.matmul, torch.bmm, torch.mm, operator.matmul}
 
 
@@ -214,6 +214,8 @@ class Paths:
             return True
         if isinstance(m, nn.modules.conv._ConvNd):
             return not m.transposed and m.padding_mode == "zeros" and isinstance(m.padding, tuple) and not any(m.padding)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # batch statistics would not keep it a constant
+            return m.track_running_stats
         return isinstance(m, _CHANNELWISE_MODULES)
 
 
@@ -356,7 +358,7 @@ def prune_magnitude(model: nn.Module, layers: Sequence[str], amount: int, *, kee
         scores = [_keep_largest_per_row(s) for s in scores]
     left = sum(int((s.isfinite() & (s != 0)).sum()) for s in scores)
     if not 0 <= amount <= left:
-        kept = " (the largest weight of each neuron kept)" if keep_neurons else ""
+        kept = " that are not a neuron's largest" if keep_neurons else ""
         raise ValueError(f"cannot prune {amount} weights from {list(layers)}: {left} are nonzero{kept}")
     prune.global_unstructured(
         [(m, "weight") for m in modules], pruning_method=prune.L1Unstructured, amount=amount,

@@ -321,8 +321,8 @@ def summary(result: ScheduleResult) -> dict:
     out = {
         "dense_accuracy": result.dense_accuracy, "accuracy": result.accuracy, "removed": result.removed,
         "before": result.before.as_dict(), "after": result.after.as_dict(), "stopped": result.stopped,
-        # what the whole run cost, past the returned iteration too (none are logged with a train_fn)
-        "finetune_epochs": sum(len(log["finetune"]) for log in result.trajectory[1:]),
+        # what the whole run cost, past the returned iteration too (unknown with a train_fn)
+        "finetune_epochs": sum(len(log["finetune"]) for log in result.trajectory[1:]) if all(log["finetune"] for log in result.trajectory[1:]) else None,
     }
     if result.sparsity is not None:
         out["sparsity"] = result.sparsity

@@ -190,7 +190,7 @@ def test_prune_magnitude_can_keep_each_neurons_largest_weight():
     top = w0.abs().argmax(dim=1)
     expected[torch.arange(16), top] = w0[torch.arange(16), top]
     torch.testing.assert_close(w, expected, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="largest weight of each neuron kept"):
+    with pytest.raises(ValueError, match="that are not a neuron's largest"):
         prune_magnitude(model, ["0"], 1, keep_neurons=True)
 
 
@@ -283,13 +283,16 @@ def test_guarded_allocation_never_empties_a_layer_of_a_plain_chain():
     data = mlp_data()
     x = torch.cat([b[0] for b in data])
     for allocation in ("guarded", "reference"):
-        nep = NEPENTHE(ee.convert(mlp()), data, data, example_input=x[:2], zeta=1.0, allocation=allocation, latency=False, progress=False)
+        options = {"layer_cap": 0.5} if allocation == "guarded" else {}
+        nep = NEPENTHE(ee.convert(mlp()), data, data, example_input=x[:2], zeta=1.0, allocation=allocation, latency=False, progress=False, **options)
         work = copy.deepcopy(nep.model)
         for _ in range(12):
+            before = [int(weight(work[i]).count_nonzero()) for i in (0, 2)]
             if nep._step(work, {"1": 0.5, "3": 0.9}) is None:
                 break
             if allocation == "guarded":  # every neuron keeps a weight, no layer loses more than half per step
                 assert _nonzero_rows(weight(work[0])) == 16 and _nonzero_rows(weight(work[2])) == 16
+                assert all(int(weight(work[i]).count_nonzero()) >= n - n // 2 for i, n in zip((0, 2), before))
         if allocation == "guarded":
             assert int(weight(work[0]).count_nonzero()) == 16 and int(weight(work[2]).count_nonzero()) == 16
         else:  # zeta = 1: the reference empties every layer at once, so the output no longer depends on x
@@ -364,6 +367,60 @@ def test_a_combination_that_would_cut_every_path_is_not_emptied():
     assert step["bypassed"] == step["emptied"] == [] and _nonzero_rows(weight(work.g)) == 8 and Paths(work).connected()
 
 
+def test_only_the_emptied_site_loses_whole_neurons():
+    class TwoBypassed(nn.Module):  # f and g bypass each other
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.f, self.g, self.head = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 3)
+            self.a, self.b = nn.ReLU(), nn.ReLU()
+
+        def forward(self, x):
+            return self.head(self.a(self.f(x)) + self.b(self.g(x)))
+
+    data = mlp_data()
+    x = torch.cat([b[0] for b in data])
+    nep = NEPENTHE(ee.convert(TwoBypassed()), data, data, example_input=x[:2], zeta=0.5, latency=False, progress=False)
+    work = copy.deepcopy(nep.model)
+    step = nep._step(work, {"a": 0.1, "b": 0.5})
+    # f is emptied; g, the only path now, loses at most half and keeps every neuron
+    assert step["emptied"] == ["a"] and not weight(work.f).any()
+    assert _nonzero_rows(weight(work.g)) == 8 and int(weight(work.g).count_nonzero()) >= 16 and Paths(work).connected()
+
+
+@pytest.mark.parametrize("act, shift", [(nn.GELU(), (-1.5, -0.2, 0.0, 0.3, 2.0)), (nn.ReLU6(), (-1.0, 0.0, 3.0, 6.5, 9.0))])
+def test_a_site_whose_input_is_an_emptied_layers_constant_is_replaced_exactly(act, shift):
+    # GELU's curvature and ReLU6's clamp would change the constant the branch adds under the
+    # usual 0/1 rule; the replacement is act(c) / c per neuron instead
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.stem, self.fc1, self.fc2, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+            self.a, self.act = nn.ReLU(), act
+
+        def forward(self, x):
+            h = self.a(self.stem(x))
+            return self.head(h + self.fc2(self.act(self.fc1(h))))
+
+    data = mlp_data()
+    x = torch.cat([b[0] for b in data])
+    nep = NEPENTHE(ee.convert(Branch()), data, data, example_input=x[:2], latency=False, progress=False)
+    work = copy.deepcopy(nep.model).eval()
+    prune_magnitude(work, ["fc1"], 25)
+    with torch.no_grad():
+        work.fc1.bias.copy_(torch.tensor(shift))
+        h = torch.relu(work.stem(x))
+        branch = work.fc2(act(torch.tensor(shift)))  # plain torch: the branch adds fc2(act(bias))
+        expected = work.head(h + branch)
+    step = nep._after_finetune(work, {"removed": []}, 1)
+    assert step["removed"] == ["act"]
+    with torch.no_grad():
+        torch.testing.assert_close(work(x), expected)
+    folded = ee.fold(work, x[:2])
+    assert not any(isinstance(m, nn.Linear) and m.in_features == 5 and m.out_features == 5 for m in folded.modules())  # fc1, fc2 gone
+
+
 def test_bad_allocation_options_fail_before_anything_is_written(tmp_path):
     for kwargs, message in [
         ({"allocation": "greedy"}, "unknown allocation 'greedy'"),
@@ -410,8 +467,9 @@ def test_each_iteration_prunes_zeta_of_the_eligible_weights_and_masks_hold():
 
 
 def test_sites_driven_to_zero_entropy_are_removed_and_folded():
-    # aggressive pruning (zeta 0.9): layers empty out, their sites go constant and are replaced
-    result = nepenthe(zeta=0.9, max_iterations=6).run()
+    # the reference split with aggressive pruning (zeta 0.9): layers of this plain chain empty out,
+    # their sites go constant (or dead) and are replaced
+    result = nepenthe(zeta=0.9, max_iterations=6, allocation="reference").run()
     logs = result.trajectory
     removed = [n for log in logs[1:] for n in log["removed"]]
     assert removed, [log["entropies"] for log in logs]
@@ -495,7 +553,7 @@ def test_cli_run_method_nepenthe(tmp_path, capsys):
         assert (run_dir / name).exists(), name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == "nepenthe" and config["zeta"] == 0.6 and config["aggregate"] == "nepenthe"
-    assert config["allocation"] == "guarded" and config["layer_cap"] == 0.5 and config["temperature"] == 2.0
+    assert config["allocation"] == "guarded" and config["layer_cap"] == 0.1 and config["temperature"] == 2.0
     assert "Sparsity per iteration" in (run_dir / "report.md").read_text()
     for wrong in (["--method", "nepenthe", "--fold-aware"], ["--method", "nepenthe", "--fold-tolerance", "0.1"], ["--zeta", "0.5"]):
         assert main(["run", *wrong, "--quiet"]) == 2
@@ -511,6 +569,8 @@ def test_cli_run_method_nepenthe(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main(["run", "--method", "nepenthe", "--allocation", "greedy", "--quiet"])
     assert "invalid choice: 'greedy'" in capsys.readouterr().err
+    assert main(["run", "--method", "nepenthe", "--allocation", "reference", "--layer-cap", "0.3", "--quiet"]) == 2
+    assert "--layer-cap applies to --allocation guarded only" in capsys.readouterr().err
     for wrong in (["--allocation", "reference"], ["--layer-cap", "0.3"], ["--temperature", "2"]):
         assert main(["run", *wrong, "--quiet"]) == 2
         assert "applies to --method nepenthe only" in capsys.readouterr().err
