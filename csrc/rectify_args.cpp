@@ -61,8 +61,6 @@ std::optional<at::Tensor> check_weight(Activation a, const at::Tensor& input,
                     " along the channel dim)");
   TORCH_CHECK_TYPE(w.scalar_type() == input.scalar_type(), "easier_ext.rectify_count: prelu weight has dtype ",
                    w.scalar_type(), " but the input has ", input.scalar_type(), "; expected the same dtype");
-  TORCH_CHECK(w.device() == input.device(), "easier_ext.rectify_count: prelu weight is on ", w.device(),
-              " but the input is on ", input.device(), "; expected the same device");
   return w.contiguous();
 }
 
@@ -84,8 +82,16 @@ ChannelLayout channel_layout(const at::Tensor& t, int64_t dim) {
 
 }  // namespace
 
+void check_devices(const at::Tensor& input, const std::optional<at::Tensor>& weight) {
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->device() == input.device(), "easier_ext.rectify_count: expected weight on ", input.device(),
+                " (the input's device), got ", weight->device());
+  }
+}
+
 RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double negative_slope,
                          const std::optional<at::Tensor>& weight, int64_t channel_dim, bool in_place) {
+  check_devices(input, weight);
   const Activation a = parse_activation(activation);
   check_input(input);
   const int64_t dim = check_channel_dim(input, channel_dim);

@@ -28,6 +28,11 @@ struct RectifyPlan {
   ChannelLayout layout;
 };
 
+// Every tensor argument must be on the input's device. Kernels call this before anything else: the
+// dispatcher picks the kernel from all tensor arguments (a CUDA weight with a CPU input reaches the
+// CUDA kernel), so the input's device is not yet known to be the kernel's.
+void check_devices(const at::Tensor& input, const std::optional<at::Tensor>& weight);
+
 // With `in_place`, a dense input is also the output (the kernels read each element before writing
 // it); a non-dense one still gets a dense output, which the caller copies back.
 RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double negative_slope,

@@ -89,13 +89,68 @@ def rectify_count_(
     return torch.ops.easier_ext.rectify_count_.default(*args)
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_args(input, activation, weight, channel_dim) -> None:
+    """The C++ kernels' argument checks (csrc/rectify_args.cpp), with the same messages and types.
+
+    The fake kernel is also the Meta kernel, which the dispatcher picks whenever any tensor
+    argument is on the meta device: a meta weight with a CPU input lands here, not in the CPU
+    kernel, so without these checks the call would return uninitialized CPU tensors.
+    """
+    if weight is not None:
+        torch._check(
+            weight.device == input.device,
+            lambda: f"easier_ext.rectify_count: expected weight on {input.device} (the input's device), "
+            f"got {weight.device}",
+        )
+    torch._check_value(
+        activation in ACTIVATIONS,
+        lambda: f"easier_ext.rectify_count: unknown activation '{activation}'; expected one of {', '.join(ACTIVATIONS)}",
+    )
+    torch._check_type(
+        input.dtype in _FLOAT_DTYPES,
+        lambda: "easier_ext.rectify_count: expected a floating-point input (float32, float64, float16 or "
+        f"bfloat16), got {input.dtype}",
+    )
+    torch._check_value(
+        input.dim() >= 1,
+        lambda: "easier_ext.rectify_count: expected an input with at least 1 dimension (a channel dim to count "
+        "over), got a 0-d tensor",
+    )
+    ndim = input.dim()
+    torch._check_index(
+        -ndim <= channel_dim < ndim,
+        lambda: f"easier_ext.rectify_count: channel_dim {channel_dim} is out of range for a {ndim}-d input of "
+        f"shape {list(input.shape)} (expected a value in [{-ndim}, {ndim - 1}])",
+    )
+    if activation != "prelu":
+        torch._check_value(
+            weight is None,
+            lambda: "easier_ext.rectify_count: a weight is only used by 'prelu'; got one for another activation",
+        )
+        return
+    channels = input.shape[channel_dim]
+    torch._check_value(
+        weight is not None, lambda: f"easier_ext.rectify_count: 'prelu' needs a weight tensor of 1 or {channels} values"
+    )
+    # `|`, not `or`: with symbolic shapes this stays a SymBool instead of specializing.
+    torch._check_value(
+        weight.dim() <= 1 and ((weight.numel() == 1) | (weight.numel() == channels)),
+        lambda: f"easier_ext.rectify_count: prelu weight of shape {list(weight.shape)} does not match the input: "
+        f"expected 1 value or one per channel ({channels} along the channel dim)",
+    )
+    torch._check_type(
+        weight.dtype == input.dtype,
+        lambda: f"easier_ext.rectify_count: prelu weight has dtype {weight.dtype} but the input has {input.dtype}; "
+        "expected the same dtype",
+    )
+
+
 @torch.library.register_fake("easier_ext::rectify_count")
 def _rectify_count_fake(input, activation, negative_slope, weight, channel_dim):
-    torch._check(input.dim() >= 1, lambda: "easier_ext.rectify_count: expected an input with at least 1 dimension")
-    torch._check_index(
-        -input.dim() <= channel_dim < input.dim(),
-        lambda: f"easier_ext.rectify_count: channel_dim {channel_dim} is out of range for a {input.dim()}-d input",
-    )
+    _check_args(input, activation, weight, channel_dim)
     channels = input.shape[channel_dim]
     return torch.empty_like(input), input.new_empty((channels,), dtype=torch.int64)
 

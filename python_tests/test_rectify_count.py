@@ -239,7 +239,8 @@ def bad_inputs(device):
     x = torch.randn(2, 3, 4, device=device)
     return [
         ((torch.ones(2, 3, dtype=torch.int64, device=device), "relu", 0.0, None, 1), TypeError, "floating-point input"),
-        ((torch.ones(2, 3, dtype=torch.bool, device=device), "relu", 0.0, None, 1), TypeError, "got Bool"),
+        # "Bool" from C++, "torch.bool" from the fake (meta) kernel
+        ((torch.ones(2, 3, dtype=torch.bool, device=device), "relu", 0.0, None, 1), TypeError, "got (torch.)?[Bb]ool"),
         ((torch.tensor(1.0, device=device), "relu", 0.0, None, 0), ValueError, "at least 1 dimension"),
         ((x, "relu", 0.0, None, 3), IndexError, r"channel_dim 3 is out of range .* \[-3, 2\]"),
         ((x, "relu", 0.0, None, -4), IndexError, "channel_dim -4 is out of range"),
@@ -259,11 +260,79 @@ def test_bad_inputs_give_clear_errors(device):
             OP(*args)
 
 
-def test_weight_on_another_device_is_an_error():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    with pytest.raises(RuntimeError, match="expected the same device"):
-        OP(torch.randn(2, 3, device="cuda"), "prelu", 0.0, torch.ones(3), 1)
+def test_bad_meta_inputs_give_the_kernels_errors():
+    # The fake kernel is also the Meta kernel: it refuses what the C++ kernels refuse.
+    for args, exc, pattern in bad_inputs("meta"):
+        with pytest.raises(exc, match=pattern):
+            OP(*args)
+    y, counts = OP(torch.empty(2, 3, 4, device="meta"), "prelu", 0.0, torch.empty(3, device="meta"), 1)
+    assert y.device.type == "meta" and y.shape == (2, 3, 4) and counts.shape == (3,)
+
+
+def weight_device_calls(x, w):
+    """Every way to call the op with input x and prelu weight w: torch.ops, the wrappers (from C++
+    and, with a weight needing a gradient, through the autograd layer), in place and not."""
+    yield lambda: OP(x, "prelu", 0.0, w, 1)
+    yield lambda: INPLACE_OP(x.clone(), "prelu", 0.0, w, 1)
+    yield lambda: ops.rectify_count(x, "prelu", weight=w)
+    yield lambda: ops.rectify_count(x, "prelu", weight=w.detach().requires_grad_())
+    yield lambda: ops.rectify_count_(x.clone(), "prelu", weight=w)
+
+
+def test_meta_weight_with_a_cpu_input_is_an_error():
+    # Any meta tensor sends the call to the Meta (fake) kernel, which returned uninitialized
+    # CPU tensors as if they were the results.
+    x = torch.randn(2, 3, 4)
+    for call in weight_device_calls(x, torch.ones(3, device="meta")):
+        with pytest.raises(RuntimeError, match=r"rectify_count: expected weight on cpu \(the input's device\), got meta"):
+            call()
+    x = x.to("meta")
+    for call in weight_device_calls(x, torch.ones(3)):
+        with pytest.raises(RuntimeError, match=r"expected weight on meta \(the input's device\), got cpu"):
+            call()
+
+
+def test_inplace_with_a_meta_weight_leaves_the_input_untouched():
+    x = torch.randn(2, 3, 4)
+    before = x.clone()
+    for call in (lambda: INPLACE_OP(x, "prelu", 0.0, torch.ones(3, device="meta"), 1),
+                 lambda: ops.rectify_count_(x, "prelu", weight=torch.ones(3, device="meta"))):
+        with pytest.raises(RuntimeError, match="expected weight on cpu"):
+            call()
+        assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not has_kernel("cuda"), reason="CUDA kernels were not built"))],
+)
+def test_kernels_check_the_weights_device_first(device):
+    # A CUDA weight with a CPU input reaches the CUDA kernel; redispatch sends a call to a chosen
+    # kernel, so this runs that kernel's C++ check (before its assert and device guard, which need
+    # a CUDA input) without a GPU.
+    keys = torch._C.DispatchKeySet({"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}[device])
+    x, w = torch.randn(2, 3, 4), torch.ones(3, device="meta")
+    for op, x_ in ((OP, x), (INPLACE_OP, x.clone())):
+        with pytest.raises(RuntimeError, match=r"expected weight on cpu \(the input's device\), got meta"):
+            op.redispatch(keys, x_, "prelu", 0.0, w, 1)
+    assert torch.equal(x_, x)
+
+
+def test_cuda_weight_with_a_cpu_input_is_an_error():
+    # The dispatcher picks the CUDA kernel here: it must refuse the CPU input, not assert.
+    if not (has_kernel("cuda") and torch.cuda.is_available()):
+        pytest.skip("needs a CUDA GPU and the CUDA kernels")
+    for call in weight_device_calls(torch.randn(2, 3, 4), torch.ones(3, device="cuda")):
+        with pytest.raises(RuntimeError, match=r"expected weight on cpu \(the input's device\), got cuda:0"):
+            call()
+
+
+def test_cpu_weight_with_a_cuda_input_is_an_error():
+    if not (has_kernel("cuda") and torch.cuda.is_available()):
+        pytest.skip("needs a CUDA GPU and the CUDA kernels")
+    for call in weight_device_calls(torch.randn(2, 3, 4, device="cuda"), torch.ones(3)):
+        with pytest.raises(RuntimeError, match=r"expected weight on cuda:0 \(the input's device\), got cpu"):
+            call()
 
 
 # -- the public wrappers (ops.rectify_count / ops.rectify_count_) -----------------------------

@@ -23,6 +23,7 @@ cpu::RectifyCountKernel select_kernel() {
 std::tuple<at::Tensor, at::Tensor> rectify_count_cpu(const at::Tensor& input, c10::string_view activation,
                                                       double negative_slope, const std::optional<at::Tensor>& weight,
                                                       int64_t channel_dim) {
+  check_devices(input, weight);
   TORCH_INTERNAL_ASSERT(input.device().is_cpu());
   RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), negative_slope,
                                   weight, channel_dim);
@@ -34,6 +35,7 @@ std::tuple<at::Tensor, at::Tensor> rectify_count_cpu(const at::Tensor& input, c1
 
 at::Tensor rectify_count_inplace_cpu(at::Tensor& input, c10::string_view activation, double negative_slope,
                                      const std::optional<at::Tensor>& weight, int64_t channel_dim) {
+  check_devices(input, weight);
   TORCH_INTERNAL_ASSERT(input.device().is_cpu());
   RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), negative_slope,
                                   weight, channel_dim, /*in_place=*/true);

@@ -192,6 +192,7 @@ void launch(const RectifyPlan& plan, unsigned long long* counts, cudaStream_t st
 std::tuple<at::Tensor, at::Tensor> rectify_count_cuda(const at::Tensor& input, c10::string_view activation,
                                                        double negative_slope, const std::optional<at::Tensor>& weight,
                                                        int64_t channel_dim) {
+  check_devices(input, weight);  // before the assert and the guard, which need a CUDA input
   TORCH_INTERNAL_ASSERT(input.device().is_cuda());
   const c10::cuda::CUDAGuard device_guard(input.device());
   RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), negative_slope,
