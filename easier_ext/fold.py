@@ -16,7 +16,6 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-from torch.utils.benchmark import Timer
 
 from easier_ext._tracing import is_stochastic_depth, trace_model
 from easier_ext.chains import find_chains, own_macs, plan_segments
@@ -89,12 +88,15 @@ def fold(model: nn.Module, example_input: Any, *, cost: str = "macs", verify: bo
         or dropped).
 
     Raises:
+        ValueError: (``verify``) the model's outputs on ``example_input`` are not all finite, so
+            there is nothing to check the folded model against.
         RuntimeError: the model cannot be traced, or (``verify``) the folded model's outputs differ.
     """
     if cost not in FOLD_COSTS:
         raise ValueError(f"unknown fold cost {cost!r}; expected one of {FOLD_COSTS}")
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    original = copy.deepcopy(model).eval()
+    # Before folding: NaN/inf outputs would fail the check below, as if folding had changed them.
+    expected = _finite_outputs(model, args) if verify else None
     gm = trace_model(bake_pruning(copy.deepcopy(model)).eval())
     folder = _Folder(gm, args, cost)
     folder.run()
@@ -102,7 +104,7 @@ def fold(model: nn.Module, example_input: Any, *, cost: str = "macs", verify: bo
     # The tracer class is pickled with a GraphModule; ours would make loading need easier_ext.
     gm._tracer_cls = gm.graph._tracer_cls = None
     if verify:
-        _verify(original, gm, args, rtol)
+        _verify(expected, gm, args, rtol)
     return gm
 
 
@@ -480,6 +482,9 @@ class _Folder:
         device = next(chain.layers[0].parameters()).device
 
         def seconds(layers) -> float:
+            # Imported here: torch.utils.benchmark imports cpp_extension, which warns on import without CUDA.
+            from torch.utils.benchmark import Timer
+
             module = layers[0] if len(layers) == 1 else (compose_linears(layers) if isinstance(layers[0], nn.Linear) else compose_convs(layers))
             x = torch.randn(shapes[id(layers[0])], device=device)
             with torch.no_grad():
@@ -605,15 +610,30 @@ def _scale_inputs(layer: nn.Module, s: torch.Tensor) -> nn.Module:
     return new
 
 
-def _verify(original: nn.Module, folded: fx.GraphModule, args: tuple, rtol: float) -> None:
-    def run(m: nn.Module):
-        m = copy.deepcopy(m).double()
-        with torch.no_grad():
-            return m(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+def _run_float64(m: nn.Module, args: tuple) -> torch.Tensor:
+    """A copy of ``m`` in eval mode and float64 on ``args``: its outputs, flattened into one tensor."""
+    m = copy.deepcopy(m).eval().double()
+    with torch.no_grad():
+        out = m(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+    tensors = _tensors(out)
+    return torch.cat([t.flatten() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
 
-    expected, actual = run(original), run(folded)
-    flat_e = torch.cat([t.flatten() for t in _tensors(expected)])
-    flat_a = torch.cat([t.flatten() for t in _tensors(actual)])
+
+def _finite_outputs(model: nn.Module, args: tuple) -> torch.Tensor:
+    """The model's outputs that :func:`_verify` compares against, refused when any is NaN or inf."""
+    expected = _run_float64(model, args)
+    bad = int((~torch.isfinite(expected)).sum().item()) if expected.is_floating_point() else 0
+    if bad:
+        raise ValueError(
+            f"the model's outputs are not finite on the example input ({bad} of {expected.numel()} values are "
+            "NaN/inf); fold checks its result against them, so it needs a model whose outputs are finite: check "
+            "the model's weights and the example input, or pass verify=False to fold without the check"
+        )
+    return expected
+
+
+def _verify(flat_e: torch.Tensor, folded: fx.GraphModule, args: tuple, rtol: float) -> None:
+    flat_a = _run_float64(folded, args)
     err = (flat_a - flat_e).abs().max().item() if flat_e.numel() else 0.0
     scale = max(flat_e.abs().max().item() if flat_e.numel() else 0.0, 1e-30)
     if not err <= rtol * scale:

@@ -57,3 +57,21 @@ def test_each_cpu_kernel_variant_matches_torch(capability):
         env=env, cwd=here, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_import_writes_nothing_to_stderr(tmp_path):
+    """torch.utils.benchmark (and the cpp_extension it imports) print "No CUDA runtime is found" where
+    there is no GPU: they must not be imported with the package, only when something is timed."""
+    check = (
+        "import sys, easier_ext; print(easier_ext.__file__); "
+        "print(sorted(m for m in sys.modules if m.startswith(('torch.utils.benchmark', 'torch.utils.cpp_extension'))))"
+    )
+    # From an empty directory, so that a source checkout in the cwd is not imported instead.
+    result = subprocess.run(
+        [sys.executable, "-c", check], env=dict(os.environ), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    file, modules = result.stdout.splitlines()
+    assert file == easier_ext.__file__, "the subprocess imported another easier_ext"
+    assert modules == "[]"

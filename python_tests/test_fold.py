@@ -191,6 +191,26 @@ def test_fold_bad_input():
         ee.fold(Untraceable(), torch.randn(1, 2))
 
 
+def test_fold_refuses_a_model_whose_outputs_are_not_finite():
+    # Checked before folding: the check against the model would call its NaNs a folding bug.
+    torch.manual_seed(0)
+    model = ee.convert(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))).eval()
+    ee.linearize(model, "1")
+    x = torch.randn(5, 4)
+    x_inf = x.clone()
+    x_inf[0, 0] = float("inf")  # row 0's outputs become inf or NaN (inf - inf)
+    with pytest.raises(ValueError, match=r"outputs are not finite on the example input \(2 of 10 values are NaN/inf\)"):
+        ee.fold(model, x_inf)
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")  # output column 0 is NaN for every row
+    with pytest.raises(ValueError, match=r"\(5 of 10 values are NaN/inf\); fold checks its result against them, .*finite"):
+        ee.fold(model, x)
+    # Without the check there is nothing to compare against: it folds.
+    folded = ee.fold(model, x, verify=False)
+    assert [(m.in_features, m.out_features) for m in folded.modules() if isinstance(m, nn.Linear)] == [(4, 2)]
+    assert torch.equal(folded(x).isnan(), model(x).isnan())
+
+
 def test_folded_model_loads_without_easier_ext_and_exports():
     model, _ = linearized_model("resnet18", 0)
     x = torch.randn(1, 3, 32, 32)
