@@ -1,23 +1,41 @@
-"""A run directory: its configuration, atomic writes, per-iteration logs and checkpoints."""
+"""A run directory: its configuration, a lock, atomic writes, per-iteration logs and checkpoints."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import shutil
+import socket
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are not protected from each other there
+    fcntl = None
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["RunDir", "RunDirError", "atomic_write", "is_main_process", "rng_state", "seed_everything", "set_rng_state"]
+__all__ = [
+    "RunDir", "RunDirError", "RunLock", "atomic_write", "is_main_process", "remove_temporary_files", "rng_state", "seed_everything",
+    "set_rng_state",
+]
 
 
 class RunDirError(ValueError):
-    """The run directory cannot be used for this run (another configuration, or not resumable)."""
+    """The run directory cannot be used for this run (another configuration, not resumable,
+    taken by another process, or too little free space)."""
+
+
+# atomic_write's temporary files: ".NAME.tmp-XXXXXXXX" next to NAME
+_TMP_INFIX = ".tmp-"
+LOCK_NAME = ".lock"
 
 
 def is_main_process() -> bool:
@@ -34,17 +52,105 @@ def atomic_write(path: Path, write) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP_INFIX}", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a plain open would honour the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not isinstance(e, OSError) and _disk_full(path.parent):
+            # torch.save reports a failed write as a RuntimeError ("file write failed")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it (Python < 3.13 has no getumask)
+    os.umask(mask)
+    return mask
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def remove_temporary_files(folder: Path) -> list[Path]:
+    """Deletes what interrupted :func:`atomic_write` calls left in ``folder`` and its subfolders.
+    Only call it while no other process writes there (holding the run directory's lock).
+
+    Returns:
+        the files removed.
+    """
+    removed = [p for p in Path(folder).rglob(f".*{_TMP_INFIX}*") if p.is_file()]
+    for p in removed:
+        p.unlink()
+    return removed
+
+
+class RunLock:
+    """An exclusive advisory lock (``flock``) on ``FOLDER/.lock`` that names its holder.
+
+    The kernel releases it when the holding process exits, however it exits, so a lock left by a
+    killed run is never in the way. One process may open it again (the same lock, counted).
+
+    Args:
+        folder: the run directory (created when missing).
+
+    Raises:
+        RunDirError: another process holds it; the message names that process.
+    """
+
+    _held: dict[Path, list] = {}  # folder -> [file object, references]
+
+    def __init__(self, folder) -> None:
+        self.folder = Path(folder).resolve()
+        held = self._held.get(self.folder)
+        if held is None:
+            held = [self._acquire(self.folder), 0]
+            self._held[self.folder] = held
+        held[1] += 1
+        self._release = weakref.finalize(self, RunLock._drop, self.folder)
+
+    def release(self) -> None:
+        """Gives the lock up (once per :class:`RunLock`; the last one releases it)."""
+        self._release()
+
+    @classmethod
+    def _drop(cls, folder: Path) -> None:
+        held = cls._held.get(folder)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del cls._held[folder]
+            held[0].close()  # closing the file releases the flock
+
+    @staticmethod
+    def _acquire(folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / LOCK_NAME, "a+")
+        if fcntl is None:
+            return f
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunDirError(f"{folder} is in use by {holder}; wait for that run to end, or use another run directory") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        return f
 
 
 def rng_state() -> dict:
@@ -73,20 +179,33 @@ def set_rng_state(state: dict) -> None:
 class RunDir:
     """``config.json``, ``iterations/NNN.json`` (one log per iteration), ``checkpoints/NNN.pt``.
 
+    Opening one takes the folder's lock (:class:`RunLock`, rank 0 only) and writes
+    ``config.json`` before anything else, so that a run killed at any later point can be resumed;
+    it also deletes the temporary files of writes a kill interrupted. :meth:`close` (or the end of
+    the process) releases the lock.
+
     Args:
         path: the folder (created when missing).
         config: what identifies the run (JSON-able). A folder holding another configuration is
             refused, so one run never overwrites another's results.
-        resume: continue the run the folder holds; without it, a folder that already holds
-            iterations is refused.
+        resume: continue the run the folder holds (a new or empty folder starts one); without it,
+            a folder that holds more than its configuration is refused.
 
     Raises:
-        RunDirError: see ``config`` and ``resume``.
+        RunDirError: see ``config`` and ``resume``; another process holds the folder.
     """
 
     def __init__(self, path, config: dict, *, resume: bool = False) -> None:
         self.path = Path(path)
         self.config = json.loads(json.dumps(config))  # what it will read back as
+        self._lock = RunLock(self.path) if is_main_process() else None
+        try:
+            self._open(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, resume: bool) -> None:
         saved = self.path / "config.json"
         if saved.exists():
             theirs = json.loads(saved.read_text())
@@ -96,13 +215,43 @@ class RunDir:
                     f"{self.path} holds a run with another configuration (differs in: {', '.join(diff)}); "
                     "use another run directory, or the same settings to resume it"
                 )
-            if self.iterations() and not resume:
-                raise RunDirError(f"{self.path} already holds {len(self.iterations())} iterations of this run; pass resume to continue it, or use another directory")
-        elif resume and self.path.exists() and any(self.path.iterdir()):
-            raise RunDirError(f"{self.path} is not a run directory (no config.json); cannot resume from it")
+            if not resume and self._contents():
+                raise RunDirError(
+                    f"{self.path} already holds this run ({', '.join(self._contents())}); pass resume (--resume) "
+                    "to continue it, or use another directory"
+                )
+        elif self.path.exists() and any(not p.name.startswith(".") for p in self.path.iterdir()):
+            raise RunDirError(f"{self.path} holds files but no config.json, so it is not a run directory; use a new or empty one")
         if is_main_process():
-            self.path.mkdir(parents=True, exist_ok=True)
+            remove_temporary_files(self.path)
             atomic_write(saved, lambda f: f.write(json.dumps(self.config, indent=2, sort_keys=True).encode()))
+
+    def _contents(self) -> list[str]:
+        """What the folder holds besides its configuration, in words."""
+        done = len(self.iterations())
+        files = sorted(p.name for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "config.json")
+        return files + ([f"{done} iterations"] if done else [])
+
+    def close(self) -> None:
+        """Releases the folder's lock (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check_space(self, nbytes: int) -> None:
+        """Raises :class:`RunDirError` when the folder's file system has less than ``nbytes`` free."""
+        free = shutil.disk_usage(self.path).free
+        if free < nbytes:
+            raise RunDirError(
+                f"no space for the run's checkpoints in {self.path}: about {nbytes / 2**20:.0f} MiB needed, "
+                f"{free / 2**20:.0f} MiB free; free some space or use another run directory"
+            )
 
     def iterations(self) -> list[dict]:
         """The logs of the completed iterations, in order."""
