@@ -7,7 +7,7 @@ a Swin-T-shaped model sized for the digits, see ``easier_ext.build_model("swin_t
 the first method's ``easier-ext run`` trains the dense model and every later method starts from
 those weights (``--weights``), each run through the CLI (the same code path users take); then
 the dense (BatchNorm folded) and the returned folded model are timed on a batch of 128 in
-interleaved rounds.
+paired rounds (``easier_ext.compare_latency``).
 
 Run: python benchmarks/bench_methods.py [--models resnet18 vgg16_bn mobilenet_v2 swin_t] [--methods easier nepenthe]
 """
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
+from easier_ext import LatencyComparison, compare_latency, fold
 from easier_ext.cli import main as cli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import compare_models, machine  # noqa: E402
+from _timing import machine  # noqa: E402
 
 MODELS = ("resnet18", "vgg16_bn", "mobilenet_v2", "swin_t")
 METHODS = ("easier", "nepenthe")
@@ -34,15 +35,13 @@ IMAGE_SIZE = {"vgg16_bn": 32}  # five max-pools: 16x16 would pool to nothing
 MODEL_ARGS = {"swin_t": ["--optimizer", "adamw", "--pretrain-lr", "1e-3", "--lr", "1e-4"]}
 
 
-def latency(run_dir: Path, batch: int, rounds: int, size: int) -> tuple[float, float, float]:
-    """Median seconds of the dense and the folded model on one batch, and the paired speedup."""
-    from easier_ext.fold import fold
-
+def latency(run_dir: Path, batch: int, rounds: int, size: int) -> LatencyComparison:
+    """The dense and the folded model on one batch, timed in paired rounds."""
     dense = torch.load(run_dir / "checkpoints" / "000.pt", weights_only=False)["model"]
     folded = torch.load(run_dir / "final_folded.pt", weights_only=False)
     x = torch.randn(batch, 3, size, size)
     dense = fold(dense, x[:2])  # what one would deploy without EASIER: BatchNorm folded too
-    return compare_models(dense, folded, x, rounds)
+    return compare_latency(dense, folded, x, rounds=rounds)
 
 
 def main(argv=None) -> None:
@@ -67,26 +66,28 @@ def main(argv=None) -> None:
             run_dir = args.out / name / method
             size = (["--image-size", str(IMAGE_SIZE[name])] if name in IMAGE_SIZE else []) + MODEL_ARGS.get(name, [])
             start = ["--weights", str(dense_weights), "--pretrain-epochs", "0"] if dense_weights else []
-            status = cli(["run", "--model", name, "--method", method, "--budget", str(args.budget), "--run-dir", str(run_dir),
-                          "--quiet", "--no-latency", *size, *start] + args.run_args.split() + getattr(args, f"{method}_args").split()
-                         + (["--resume"] if args.resume and run_dir.exists() else []))
+            if args.resume and (run_dir / "summary.json").exists():
+                status = 0  # finished: only timed again
+            else:
+                status = cli(["run", "--model", name, "--method", method, "--budget", str(args.budget), "--run-dir", str(run_dir),
+                              "--quiet", "--no-latency", *size, *start] + args.run_args.split() + getattr(args, f"{method}_args").split()
+                             + (["--resume"] if args.resume and run_dir.exists() else []))
             if status != 0:
                 sys.exit(f"easier-ext run --method {method} failed for {name}")
             dense_weights = dense_weights or run_dir / "dense.pt"
             summary = json.loads((run_dir / "summary.json").read_text())
             config = json.loads((run_dir / "config.json").read_text())
-            t_dense, t_folded, speedup = latency(run_dir, args.batch, args.rounds, config["image_size"])
-            rows.append((name, method, summary, len(config["sites"]), t_dense, t_folded, speedup))
+            rows.append((name, method, summary, len(config["sites"]), latency(run_dir, args.batch, args.rounds, config["image_size"])))
 
     print("\n| model | method | dense top-1 | final top-1 | sites removed | sparsity | depth | MACs/image | CPU latency, batch %d "
-          "| speedup (paired) | finetune epochs |" % args.batch)
+          "| speedup (paired; middle half of rounds) | finetune epochs |" % args.batch)
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, method, s, n, t_dense, t_folded, speedup in rows:
+    for name, method, s, n, t in rows:
         b, a = s["before"], s["after"]
         sparse = f"{100 * s['sparsity']:.1f} %" if s.get("sparsity") is not None else "-"
         print(f"| {name} | {method.upper()} | {s['dense_accuracy']:.2f} | {s['accuracy']:.2f} | {len(s['removed'])}/{n} | {sparse} "
               f"| {b['depth']} -> {a['depth']} | {b['macs'] / 2 / 1e6:.1f} M -> {a['macs'] / 2 / 1e6:.1f} M "
-              f"| {t_dense * 1e3:.1f} ms -> {t_folded * 1e3:.1f} ms | {speedup:.2f}x | {s['finetune_epochs']} |")
+              f"| {t.before_s * 1e3:.1f} ms -> {t.after_s * 1e3:.1f} ms | {t.speedup:.2f}x ({t.low:.2f}-{t.high:.2f}) | {s['finetune_epochs']} |")
 
 
 if __name__ == "__main__":

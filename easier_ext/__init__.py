@@ -14,7 +14,7 @@ from easier_ext.measure import ESTIMATORS, SiteEntropy, measure_entropy
 from easier_ext.convert import UntraceableSiteError, convert, site, sites
 from easier_ext.linearize import LINEARIZE_MODES, linearize, move_padding
 from easier_ext.fold import FOLD_COSTS, fold
-from easier_ext.costs import Cost, compare, cost
+from easier_ext.costs import Cost, LatencyComparison, compare, compare_latency, cost
 from easier_ext.models import build_model
 from easier_ext.train import NonFiniteLossError, Recipe, evaluate, finetune
 from easier_ext.schedule import ScheduleResult
@@ -39,9 +39,11 @@ __all__ = [
     "build_info",
     "build_model",
     "compare",
+    "compare_latency",
     "convert",
     "cost",
     "Cost",
+    "LatencyComparison",
     "EASIER",
     "EasierResult",
     "EntropyActivation",

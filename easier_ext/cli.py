@@ -7,8 +7,10 @@ a model), ``fold`` (merge a linearized checkpoint), ``report`` (Markdown summary
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,18 +36,47 @@ METHOD_OPTIONS = {"easier": ("fold_aware", "fold_tolerance"), "nepenthe": ("zeta
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``easier-ext`` command.
 
+    Every error reaches the user as one line on stderr (``--debug``, or ``EASIER_EXT_DEBUG=1``,
+    shows the traceback instead).
+
     Returns:
-        the process exit status.
+        the process exit status: 0, 2 for bad input, 1 for a failure, 130 when interrupted.
     """
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-        # Bad input: a clear message, not a traceback.
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"easier-ext {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        resume = " (continue it with --resume)" if args.command == "run" else ""
+        print(f"easier-ext {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"easier-ext {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, _BAD_INPUT) else 1
+
+
+# bad input: the user can fix it by changing the command line
+_BAD_INPUT = (ValueError, KeyError, FileNotFoundError, TypeError)
+
+
+def _one_line(e: BaseException) -> str:
+    """What went wrong, in one line: the message of our own errors, a named cause for the rest."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"no space left on the device while writing {e.filename or 'a file'}; free some space or use another --run-dir"
+    if isinstance(e, PermissionError):
+        return f"permission denied: {e.filename} (use a folder you can write, e.g. another --run-dir)"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    text = " ".join(lines) if len(lines) <= 3 else lines[0] + " ..."
+    ours = isinstance(e, _BAD_INPUT) or type(e).__module__.startswith("easier_ext")
+    text = text if ours else f"{type(e).__name__}: {text}"
+    return text if ours else f"{text} (run with --debug for the traceback)"
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -54,10 +85,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="easier-ext",
         description="Make networks shallower: measure rectifier entropy, linearize (EASIER) or prune (NEPENTHE), finetune, fold.",
     )
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=bool(os.environ.get("EASIER_EXT_DEBUG")),
+                       help="show the traceback of an error (also EASIER_EXT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the whole job: train (if needed), linearize within a budget, fold, report",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=_HelpFormatter, parents=[debug])
     _model_args(run)
     _data_args(run)
     g = run.add_argument_group("schedule")
@@ -104,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     measure = sub.add_parser("measure", help="print every site's entropy over a dataset",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=_HelpFormatter, parents=[debug])
     _model_args(measure)
     _data_args(measure)
     measure.add_argument("--split", choices=["train", "val"], default="train")
@@ -115,17 +149,27 @@ def _parser() -> argparse.ArgumentParser:
     measure.set_defaults(handler=_measure)
 
     fold = sub.add_parser("fold", help="fold a linearized model (a checkpoint of a run) and report its cost",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=_HelpFormatter, parents=[debug])
     fold.add_argument("checkpoint", type=Path, help="a run's checkpoints/NNN.pt or final_linearized.pt")
     fold.add_argument("--input-shape", type=int, nargs="+", default=[1, 3, 32, 32], help="example input shape")
     fold.add_argument("--cost", choices=["macs", "latency"], default="macs", help="what decides whether a merge pays")
     fold.add_argument("--output", type=Path, default=None, help="where to save the folded model (default: next to the checkpoint)")
     fold.set_defaults(handler=_fold)
 
-    report = sub.add_parser("report", help="render report.md and plots for a run directory")
+    report = sub.add_parser("report", help="render report.md and plots for a run directory", parents=[debug])
     report.add_argument("run_dir", type=Path)
     report.set_defaults(handler=_report)
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show and the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        nothing = action.default is None or action.default is False or action.default == [] or action.default is argparse.SUPPRESS
+        if nothing or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -151,7 +195,17 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 # -- shared setup -----------------------------------------------------------------------------
 def _device(arg: Optional[str]) -> torch.device:
     if arg:
-        return torch.device(arg)
+        try:
+            device = torch.device(arg)
+        except RuntimeError:
+            raise ValueError(f"--device {arg} is not a device; expected cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {arg}: no CUDA GPU is available here (torch.cuda.is_available() is False); use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {arg}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {arg}: easier_ext runs on cpu or cuda, not {device.type}")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -168,7 +222,7 @@ def _init_distributed(device: torch.device) -> None:
 def _load_data(args):
     from easier_ext.data import load_dataset, make_loader
 
-    size = args.image_size or DEFAULT_IMAGE_SIZE.get(args.dataset)
+    size = args.image_size if args.image_size is not None else DEFAULT_IMAGE_SIZE.get(args.dataset)
     train, val, classes = load_dataset(args.dataset, args.data_root, image_size=size, download=args.download, seed=args.seed)
     train_loader = make_loader(train, args.batch_size, train=True, seed=args.seed, workers=args.workers)
     val_loader = make_loader(val, args.batch_size, train=False, seed=args.seed, workers=args.workers)
@@ -184,10 +238,30 @@ def _build_model(args, num_classes: int) -> nn.Module:
     else:
         model = build_model(args.model, num_classes, small_input=small)
     if args.weights is not None:
-        if not args.weights.exists():
-            raise FileNotFoundError(f"--weights {args.weights} does not exist")
-        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+        _load_weights(model, args.weights, f"--weights {args.weights}", f"--model {args.model}")
     return model
+
+
+def _load_weights(model: nn.Module, path: Path, what: str, model_name: str) -> None:
+    """Loads a state_dict file into ``model``, with a clear error for a file that is not one or
+    that belongs to another architecture."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"{what} is not a state_dict torch.load can read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} holds a {type(state).__name__}, not a state_dict (a dict of tensors, from model.state_dict())")
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = sorted(k for k in own.keys() & state.keys() if isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
+        parts += [f"{len(shapes)} of another shape (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)}, expected {tuple(own[shapes[0]].shape)})"] if shapes else []
+        raise ValueError(f"{what} does not fit {model_name}: keys {', '.join(parts)}; expected a state_dict of this model")
+    model.load_state_dict(state)
 
 
 def _check_runs_on(model: nn.Module, loader, args) -> None:
@@ -206,40 +280,72 @@ def _check_runs_on(model: nn.Module, loader, args) -> None:
         model.train(was_training)
 
 
+_MODEL_FILES: set = set()  # the modules --model FILE.py:FUNCTION loaded
+
+
 def _model_from_file(spec: str, num_classes: int) -> nn.Module:
     path, _, name = spec.rpartition(":")
     if not Path(path).exists():
         raise FileNotFoundError(f"--model {spec}: {path} does not exist")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    known = sys.modules.get(module_spec.name)
+    if known is not None and known not in _MODEL_FILES:
+        raise ValueError(f"--model {spec}: a module named {module_spec.name!r} is already imported (from "
+                         f"{getattr(known, '__file__', 'built in')}); rename {path}")
+    # registered, so that checkpoints can pickle the classes it defines (and load them in this process)
+    sys.modules[module_spec.name] = module
+    _MODEL_FILES.add(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(f"--model {spec}: importing {path} raised {type(e).__name__}: {e}") from e
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ValueError(f"--model {spec}: {path} has no function {name!r}")
-    model = factory(num_classes=num_classes)
+    try:
+        model = factory(num_classes=num_classes)
+    except Exception as e:
+        raise ValueError(f"--model {spec}: {name}(num_classes={num_classes}) raised {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise TypeError(f"--model {spec}: {name}() returned {type(model).__name__}, not an nn.Module")
     return model
 
 
 # -- subcommands ------------------------------------------------------------------------------
-def _run(args) -> int:
-    from easier_ext.convert import sites
-    from easier_ext.costs import compare
-    from easier_ext.easier import EASIER
-    from easier_ext.nepenthe import NEPENTHE
-    from easier_ext.rundir import atomic_write, is_main_process, seed_everything
-    from easier_ext.train import Recipe, finetune
+class CommandError(Exception):
+    """A failure the command explains in its message (printed as it is, exit status 1)."""
 
+
+def _check_numbers(args) -> None:
+    """The numeric options every subcommand with data takes, checked before any work."""
+    checks = [("image_size", 1, "pixels"), ("batch_size", 1, "images"), ("workers", 0, "loader processes"),
+              ("measure_batches", 1, "batches (omit it to measure the whole split)")]
+    checks += [("pretrain_epochs", 0, "epochs"), ("epochs", 0, "epochs"), ("max_iterations", 1, "iterations"), ("patience", 0, "iterations")]
+    for name, low, unit in checks:
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low} {unit}, got {value}")
+    for name in ("lr", "pretrain_lr"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 < value < float("inf"):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+    if getattr(args, "weight_decay", 0) < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+
+
+def _check_run_options(args) -> dict:
+    """The method's own options, as given (unset ones take the method's defaults), after checking
+    every option that can be checked without the model or the data."""
     if not 0 <= args.budget <= 100:
         raise ValueError(f"--budget must be in [0, 100] top-1 points, got {args.budget}")
-    # each method's own options, as given (unset ones take the method's defaults)
+    _check_numbers(args)
     names = [name for options in METHOD_OPTIONS.values() for name in options]
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None and getattr(args, name) is not False}
     for name in sorted(given.keys() - set(METHOD_OPTIONS[args.method])):
         owner = next(m for m, owned in METHOD_OPTIONS.items() if name in owned)
         raise ValueError(f"--{name.replace('_', '-')} applies to --method {owner} only")
-    # checked here as well as by the method, so that bad values fail before any pretraining
+    # checked here as well as by the method, so that the message names the flag
     if "zeta" in given and not 0 < args.zeta <= 1:
         raise ValueError(f"--zeta must be in (0, 1] (the fraction of remaining weights pruned per iteration), got {args.zeta}")
     if "layer_cap" in given and args.allocation == "reference":
@@ -248,10 +354,19 @@ def _run(args) -> int:
         raise ValueError(f"--layer-cap must be in (0, 1] (a fraction of a site's remaining weights), got {args.layer_cap}")
     if "temperature" in given and not 0 < args.temperature < float("inf"):
         raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
-    if args.pretrain_lr is not None and not 0 < args.pretrain_lr < float("inf"):
-        raise ValueError(f"--pretrain-lr must be a finite number > 0, got {args.pretrain_lr}")
     if "fold_tolerance" in given and args.fold_tolerance < 0:
         raise ValueError(f"--fold-tolerance must be >= 0 bits, got {args.fold_tolerance}")
+    return given
+
+
+def _run(args) -> int:
+    from easier_ext.convert import sites
+    from easier_ext.easier import EASIER
+    from easier_ext.nepenthe import NEPENTHE
+    from easier_ext.rundir import atomic_write, is_main_process, seed_everything
+    from easier_ext.train import NonFiniteLossError, Recipe, finetune
+
+    given = _check_run_options(args)
     args.run_dir = args.run_dir or Path("runs") / args.method
     aggregate = args.aggregate or args.method
     device = _device(args.device)
@@ -272,42 +387,60 @@ def _run(args) -> int:
     if args.pretrain_lr is not None:  # recorded when given (else it follows from the recipe's lr and optimizer)
         config["pretrain_lr"] = args.pretrain_lr
     pretrain_lr = args.pretrain_lr if args.pretrain_lr is not None else (lr * 5 if args.optimizer == "sgd" else lr)
-    pretrained = args.run_dir / "dense.pt"
-    if pretrain and args.resume and pretrained.exists():
-        model.load_state_dict(torch.load(pretrained, map_location=device))
-    elif pretrain:
-        if args.run_dir.exists() and (args.run_dir / "config.json").exists() and not args.resume:
-            raise ValueError(f"{args.run_dir} already holds a run; pass --resume to continue it, or use another --run-dir")
-        finetune(model, train_loader, Recipe(epochs=pretrain, lr=pretrain_lr,
-                                             optimizer=args.optimizer, schedule="cosine", weight_decay=args.weight_decay,
-                                             amp=not args.no_amp), device=device, progress=not args.quiet)
-        if is_main_process():
-            state = model.state_dict()
-            atomic_write(pretrained, lambda f: torch.save(state, f))
     example = next(iter(val_loader))[0][:2].to(device)
     common = dict(example_input=example, budget=args.budget, recipe=recipe, protect=args.protect, aggregate=aggregate,
                   measure_batches=args.measure_batches, max_iterations=args.max_iterations, patience=args.patience,
                   run_dir=args.run_dir, resume=args.resume, config=config, latency=not args.no_latency, device=device,
                   seed=args.seed, progress=not args.quiet)
     method = NEPENTHE if args.method == "nepenthe" else EASIER
+    # Every check (options, sites, traceability, the run directory's configuration, lock and free
+    # space) comes before the pretraining: config.json is the first file a run writes.
     schedule = method(model, train_loader, val_loader, **given, **common)
-    result = schedule.run()
-    if is_main_process():
-        print(_summary_table(result, len(sites(schedule.model))))
-        print(compare(result.before, result.after))
-        try:
-            from easier_ext.report import write_report
+    try:
+        schedule.run_dir.check_space(_checkpoint_bytes(model))
+        pretrained = args.run_dir / "dense.pt"
+        if schedule.run_dir.iterations():
+            pass  # resumed: the last checkpoint holds the model
+        elif pretrain and pretrained.exists():  # the run directory allows it only with --resume
+            _load_weights(model, pretrained, f"{pretrained} (this run's pretrained weights)", f"--model {args.model}")
+        elif pretrain:
+            try:
+                finetune(model, train_loader, Recipe(epochs=pretrain, lr=pretrain_lr, optimizer=args.optimizer, schedule="cosine",
+                                                     weight_decay=args.weight_decay, amp=not args.no_amp),
+                         device=device, progress=not args.quiet, desc="pretrain")
+            except NonFiniteLossError as e:
+                raise CommandError(f"pretraining failed: {e} (--pretrain-lr sets its learning rate)") from e
+            if is_main_process():
+                state = model.state_dict()
+                atomic_write(pretrained, lambda f: torch.save(state, f))
+        schedule.start_from(model)
+        result = schedule.run()
+        if is_main_process():
+            print(_summary_table(result, len(sites(schedule.model))))
+            try:
+                from easier_ext.report import write_report
 
-            print(f"report: {write_report(args.run_dir)}")
-        except ImportError:
-            pass
-        print(f"folded model: {args.run_dir / 'final_folded.pt'} (loads with torch.load, without easier_ext)")
-        if result.sparsity is not None:
-            print(f"sparse model: {args.run_dir / schedule.unfolded_name} (pruned weights, before folding)")
+                print(f"report: {write_report(args.run_dir)}")
+            except ImportError:
+                pass
+            print(f"folded model: {args.run_dir / 'final_folded.pt'} (torch.load(path, weights_only=False), without easier_ext)")
+            if result.sparsity is not None:
+                print(f"sparse model: {args.run_dir / schedule.unfolded_name} (pruned weights, before folding)")
+    finally:
+        schedule.close()
     return 0
 
 
+def _checkpoint_bytes(model: nn.Module) -> int:
+    """Room for what a run writes at once: the dense weights, two checkpoints and the two final
+    models, each about the size of the model's tensors."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return 5 * sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+
+
 def _summary_table(result, total_sites: int) -> str:
+    """The run's outcome; every change is said one way round: before -> after, and how many times
+    smaller or faster the result is."""
     b, a = result.before, result.after
     rows = [
         ("dense top-1", f"{result.dense_accuracy:.2f} %"),
@@ -315,8 +448,9 @@ def _summary_table(result, total_sites: int) -> str:
         ("sites removed", f"{len(result.removed)}/{total_sites}: {', '.join(result.removed) or '-'}"),
         *([("sparsity", f"{100 * result.sparsity:.1f} % of the weights feeding sites")] if result.sparsity is not None else []),
         ("depth", f"{b.depth} -> {a.depth}"),
+        ("params", f"{b.params / 1e6:.2f} M -> {a.params / 1e6:.2f} M ({b.params / max(a.params, 1):.2f}x fewer)"),
         ("MACs", f"{b.macs / 1e6:.1f} M -> {a.macs / 1e6:.1f} M ({b.macs / max(a.macs, 1):.2f}x fewer)"),
-        ("latency (CPU)", f"{b.latency_s * 1e3:.2f} ms -> {a.latency_s * 1e3:.2f} ms ({b.latency_s / a.latency_s:.2f}x)" if b.latency_s and a.latency_s else "-"),
+        ("latency", f"{b.latency_s * 1e3:.2f} ms -> {a.latency_s * 1e3:.2f} ms: {result.latency}" if result.latency else "not measured"),
         ("stopped", result.stopped or "-"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -327,6 +461,7 @@ def _measure(args) -> int:
     from easier_ext.convert import convert
     from easier_ext.measure import measure_entropy
 
+    _check_numbers(args)
     device = _device(args.device)
     _init_distributed(device)
     train_loader, val_loader, classes, _ = _load_data(args)
@@ -349,16 +484,28 @@ def _fold(args) -> int:
 
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"{args.checkpoint} does not exist")
-    loaded = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    if any(n < 1 for n in args.input_shape):
+        raise ValueError(f"--input-shape must be positive sizes, got {args.input_shape}")
+    try:
+        loaded = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{args.checkpoint} is not a file torch.load can read ({type(e).__name__}); expected a run's "
+                         "checkpoints/NNN.pt or final_linearized.pt") from e
     model = loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
     if not isinstance(model, nn.Module):
         raise TypeError(f"{args.checkpoint} holds a {type(model).__name__}, not a model or a run checkpoint")
     x = torch.randn(*args.input_shape)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as e:
+        raise ValueError(f"the model cannot run on --input-shape {' '.join(map(str, args.input_shape))} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass the shape of its input, batch first") from e
     folded = fold(model, x, cost=args.cost)
     out = args.output or args.checkpoint.with_name(args.checkpoint.stem + "_folded.pt")
     torch.save(folded, out)
     print(compare(cost(model, x), cost(folded, x)))
-    print(f"folded model: {out}")
+    print(f"folded model: {out} (torch.load(path, weights_only=False), without easier_ext)")
     return 0
 
 

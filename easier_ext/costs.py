@@ -15,6 +15,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
+import statistics
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +25,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 from easier_ext.modules import EntropyActivation
 
-__all__ = ["Cost", "compare", "cost"]
+__all__ = ["Cost", "LatencyComparison", "compare", "compare_latency", "cost"]
 
 aten = torch.ops.aten
 
@@ -154,8 +156,8 @@ class Cost:
             normalizations and activations are not counted).
         depth: the longest chain of conv / linear / matmul layers on any path from the input to
             the output (scaled dot-product attention counts as its two matmuls).
-        latency_s: median seconds of one forward on the example input's device, or ``None``
-            when not measured.
+        latency_s: seconds of one forward on the example input's device (the fastest of several
+            timed blocks, robust to other load on the machine), or ``None`` when not measured.
     """
 
     params: int
@@ -227,8 +229,95 @@ def cost(
         params = _count_params(model)
         macs = _count_macs(model, args)
         depth = _longest_chain(_trace(model, args).graph)
-        latency_s = _median_latency(model, args, threads or torch.get_num_threads(), min_run_time) if latency else None
+        latency_s = _best_latency(model, args, threads or torch.get_num_threads(), min_run_time) if latency else None
     return Cost(params=params, macs=macs, depth=depth, latency_s=latency_s)
+
+
+@dataclass
+class LatencyComparison:
+    """Two models timed against each other in paired rounds (see :func:`compare_latency`).
+
+    Attributes:
+        before_s, after_s: median seconds of one forward of each model.
+        speedup: the median over rounds of before / after in the same round.
+        low, high: the quartiles of those per-round ratios.
+        rounds: how many rounds were timed.
+    """
+
+    before_s: float
+    after_s: float
+    speedup: float
+    low: float
+    high: float
+    rounds: int
+
+    @property
+    def measurable(self) -> bool:
+        """Whether the middle half of the rounds agree on the direction (1 is not inside it)."""
+        return not self.low <= 1.0 <= self.high
+
+    def __str__(self) -> str:
+        spread = f"{self.low:.2f}-{self.high:.2f}x over the middle half of {self.rounds} paired rounds"
+        if not self.measurable:
+            return f"no measurable change ({spread})"
+        return f"{self.speedup:.2f}x {'faster' if self.speedup > 1 else 'slower'} ({spread})"
+
+    def as_dict(self) -> dict:
+        """The fields as a plain dict, for JSON logs."""
+        return dataclasses.asdict(self)
+
+
+def compare_latency(before: nn.Module, after: nn.Module, example_input: Any, *, rounds: int = 30,
+                    threads: int | None = None) -> LatencyComparison:
+    """Times two models' forwards against each other: each round runs one forward of each, in a
+    random order, so that both see the same machine (other load, caches, the allocator's state) and
+    slow drifts of the load cancel out in the per-round ratio, where two separate timings can each
+    be anything. Eval mode and ``no_grad`` as in :func:`cost`; sites do not count.
+
+    Args:
+        before: the original model.
+        after: the reduced model.
+        example_input: a tensor, or a tuple of the models' positional arguments.
+        rounds: the rounds to time (after one warm-up forward of each), at least 4.
+        threads: CPU threads; ``None`` keeps ``torch.get_num_threads()``.
+
+    Returns:
+        :class:`LatencyComparison`.
+
+    Raises:
+        ValueError: ``rounds`` below 4 or ``threads`` not positive.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 4:
+        raise ValueError(f"rounds must be an int >= 4 (the ratio's quartiles need them), got {rounds!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    args = _as_args(example_input)
+    cuda = any(a.is_cuda for a in args if isinstance(a, torch.Tensor))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    models = {"before": before, "after": after}
+    times = {k: [] for k in models}
+    order = list(models)
+    rng = random.Random(0)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or previous)
+        with _measuring(before), _measuring(after), torch.no_grad():
+            for m in models.values():
+                m(*args)  # warm-up
+            for _ in range(rounds):
+                rng.shuffle(order)
+                for k in order:
+                    sync()
+                    t0 = time.perf_counter()
+                    models[k](*args)
+                    sync()
+                    times[k].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous)
+    ratios = [b / a for b, a in zip(times["before"], times["after"])]
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return LatencyComparison(statistics.median(times["before"]), statistics.median(times["after"]),
+                             statistics.median(ratios), low, high, rounds)
 
 
 def compare(before: Cost, after: Cost) -> str:
@@ -394,10 +483,15 @@ def _op_name(target: Any) -> str | None:
     return target.name() if isinstance(target, torch._ops.OpOverload) else None
 
 
-def _median_latency(model: nn.Module, args: tuple, threads: int, min_run_time: float) -> float:
-    """Median seconds of one forward (Timer synchronizes CUDA around each block)."""
+def _best_latency(model: nn.Module, args: tuple, threads: int, min_run_time: float) -> float:
+    """Seconds of one forward in the fastest of the timed blocks (Timer synchronizes CUDA around
+    each block): other load on the machine only ever slows a block down, so the fastest is the
+    model's own time, where a median or a single block can be any of them."""
+    # Imported here: torch.utils.benchmark imports cpp_extension, which warns on import without CUDA.
+    from torch.utils.benchmark import Timer
+
     timer = Timer("model(*args)", globals={"model": model, "args": args}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    return min(timer.blocked_autorange(min_run_time=min_run_time).times)
 
 
 # -- formatting ------------------------------------------------------------------------------

@@ -87,8 +87,11 @@ def measure_entropy(
         ``{site name: SiteEntropy}`` in execution order.
 
     Raises:
-        ValueError: no sites, an empty loader, an unknown aggregate or estimator.
+        ValueError: no sites, an empty loader, an unknown aggregate or estimator, ``max_batches``
+            below 1.
     """
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be an int >= 1 (or None for the whole loader), got {max_batches!r}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"unknown entropy aggregate {aggregate!r}; expected one of {AGGREGATES}")
     if estimator not in ESTIMATORS:

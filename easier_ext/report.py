@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from easier_ext.costs import format_seconds
+from easier_ext.costs import LatencyComparison, format_seconds
 from easier_ext.rundir import atomic_write
 
 __all__ = [
@@ -568,6 +568,9 @@ def _results(run: Run) -> list[str]:
     else:
         stopped = run["summary"].get("stopped") or "-"
     lines += ["", f"**Sites removed:** {len(removed)}/{len(_site_order(run))}: {names}", "", f"**Stopped:** {stopped}"]
+    paired = (run["summary"] or {}).get("latency")
+    if paired:  # the latency row's two medians come from these rounds
+        lines += ["", f"**Latency, dense against returned model in paired rounds:** {LatencyComparison(**paired)}"]
     wall = sum(float(log.get("wall_s") or 0.0) for log in run["iterations"])
     if wall > 0:
         lines += ["", f"**Wall time (iterations):** {wall / 60:.1f} min"]

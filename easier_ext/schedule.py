@@ -7,14 +7,15 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from easier_ext.convert import convert, sites
-from easier_ext.costs import Cost, cost
+from easier_ext.costs import Cost, LatencyComparison, compare_latency, cost
 from easier_ext.entropy import AGGREGATES
 from easier_ext.fold import fold
 from easier_ext.measure import measure_entropy
@@ -38,11 +39,14 @@ class ScheduleResult:
         removed: the sites it linearized, in the order they were removed.
         dense_accuracy: top-1 (%) of the model before any removal.
         accuracy: top-1 (%) of the returned model (before folding; folding is exact).
-        before, after: cost of the dense and of the returned model.
+        before, after: cost of the dense (BatchNorm folded) and of the returned model.
         trajectory: every iteration's log (see the run directory's ``iterations/``).
         stopped: why the loop ended.
         sparsity: NEPENTHE: the fraction of zero weights in the layers that feed sites, in the
             returned model before folding; None for EASIER.
+        latency: the dense and the returned model (both folded) timed in paired rounds
+            (:func:`easier_ext.compare_latency`), which ``before.latency_s`` and
+            ``after.latency_s`` come from; None when latency is not measured.
     """
 
     model: nn.Module
@@ -55,6 +59,7 @@ class ScheduleResult:
     trajectory: list[dict] = field(default_factory=list)
     stopped: str = ""
     sparsity: Optional[float] = None
+    latency: Optional[LatencyComparison] = None
 
 
 class Schedule:
@@ -84,10 +89,13 @@ class Schedule:
         patience: go on for this many iterations past the budget before stopping, since a later
             finetune can win accuracy back (the papers run to the end and pick the operating point
             afterwards); the returned model is still the best within the budget.
-        run_dir: where logs, checkpoints and the final model go (None: nowhere, no resume).
-        resume: continue the run ``run_dir`` holds.
+        run_dir: where logs, checkpoints and the final model go (None: nowhere, no resume). Its
+            ``config.json`` is written and its lock taken here (see :class:`easier_ext.rundir.RunDir`);
+            :meth:`close` or the end of the process releases the lock.
+        resume: continue the run ``run_dir`` holds (a new or empty folder starts one).
         config: extra JSON-able settings that identify the run (e.g. the CLI's model and data).
-        latency: measure the CPU latency of each iteration's folded model.
+        latency: time each iteration's folded model (the fastest of several blocks), and the
+            returned one against the dense one in paired rounds.
         device: where to run (default: the model's device).
         seed: seeds torch, Python and NumPy at the start.
         progress: progress bars.
@@ -150,9 +158,26 @@ class Schedule:
             "budget": self.budget, "recipe": None if train_fn else self.recipe.as_dict(), "train_fn": getattr(train_fn, "__qualname__", None),
             "protect": list(self.protect), "aggregate": aggregate, "measure_batches": measure_batches,
             "measure_train_mode": measure_train_mode, "max_iterations": max_iterations, "patience": patience,
-            "seed": seed, "sites": list(sites(self.model)), **(settings or {}), **(config or {}),
+            "seed": seed, "sites": list(sites(self.model)), "world_size": _world_size(), **(settings or {}), **(config or {}),
         }
         self.run_dir = RunDir(run_dir, identity, resume=resume) if run_dir is not None else None
+
+    def start_from(self, model: nn.Module) -> None:
+        """Makes ``model`` the one the run starts from (e.g. the constructor's model after
+        pretraining it, which can then follow every check and the run directory's creation).
+
+        Raises:
+            ValueError: ``model`` does not have the sites of the constructor's model.
+        """
+        converted = model if sites(model) else convert(model)
+        if list(sites(converted)) != list(sites(self.model)):
+            raise ValueError(f"start_from: the model's sites {list(sites(converted))} are not the run's {list(sites(self.model))}")
+        self.model = converted
+
+    def close(self) -> None:
+        """Releases the run directory's lock (also released when the process ends)."""
+        if self.run_dir is not None:
+            self.run_dir.close()
 
     # -- what a method defines -------------------------------------------------------------
     def _step(self, model: nn.Module, entropies: dict[str, float]) -> Optional[dict]:
@@ -301,18 +326,26 @@ class Schedule:
         log, linearized = best
         linearized = self._deployable(linearized)
         folded = fold(linearized, self.example_input)
-        before = cost(fold(self._dense_model(), self.example_input), self.example_input, latency=self.latency)
-        after = cost(folded, self.example_input, latency=self.latency)
+        dense = fold(self._dense_model(), self.example_input)
+        before, after = cost(dense, self.example_input, latency=False), cost(folded, self.example_input, latency=False)
+        timed = compare_latency(dense, folded, self.example_input) if self.latency else None
+        if timed is not None:  # the paired medians, so that the two latencies are comparable
+            before, after = replace(before, latency_s=timed.before_s), replace(after, latency_s=timed.after_s)
         removed = [n for entry in trajectory[1 : log["iteration"] + 1] for n in entry["removed"]]
         result = ScheduleResult(
             folded, linearized, removed, trajectory[0]["val_accuracy"], log["val_accuracy"], before, after, trajectory, stopped,
-            log.get("sparsity"),
+            log.get("sparsity"), timed,
         )
         if self.run_dir is not None:
             self.run_dir.save_model("final_folded.pt", folded)
             self.run_dir.save_model(self.unfolded_name, linearized)
             self.run_dir.write_json("summary.json", summary(result))
         return result
+
+
+def _world_size() -> int:
+    # a run resumed with another number of processes would shard and reduce differently
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def summary(result: ScheduleResult) -> dict:
@@ -326,4 +359,6 @@ def summary(result: ScheduleResult) -> dict:
     }
     if result.sparsity is not None:
         out["sparsity"] = result.sparsity
+    if result.latency is not None:
+        out["latency"] = result.latency.as_dict()
     return out

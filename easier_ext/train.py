@@ -249,6 +249,7 @@ def finetune(
     device: Device = None,
     progress: bool = True,
     on_epoch_end: Optional[Callable[[dict[str, Any]], None]] = None,
+    desc: str = "finetune",
 ) -> list[dict[str, Any]]:
     """Trains the model with cross-entropy, from a fresh optimizer and learning-rate schedule.
 
@@ -276,6 +277,7 @@ def finetune(
         progress: show a progress bar with an ETA over all epochs (rank 0 only).
         on_epoch_end: called with each epoch's record after the epoch, on every rank (so it may call
             collective functions such as :func:`evaluate`).
+        desc: the progress bar's label.
 
     Returns:
         one record per epoch: ``epoch`` (0-based), ``lr`` (the epoch's learning rate), ``loss``
@@ -305,7 +307,7 @@ def finetune(
 
     history: list[dict[str, Any]] = []
     was_training = net.training
-    bar = _progress_bar(None if steps is None else steps * recipe.epochs, "finetune", progress)
+    bar = _progress_bar(None if steps is None else steps * recipe.epochs, desc, progress)
     with _distributed(model, net, device) as train_model, bar:
         train_model.train()
         try:

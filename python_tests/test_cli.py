@@ -2,11 +2,15 @@
 and clear errors for bad input."""
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from easier_ext.cli import main
 
@@ -57,10 +61,18 @@ def test_run_writes_a_complete_run_directory(model_file, tmp_path, capsys):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "(2, 10)", done.stderr
+    # the summary says each change one way round (before -> after), once
+    assert "after/before" not in out and out.count("x fewer") == 2 and re.search(r"latency +not measured", out)
     # the same command on the same directory is refused; --resume continues (nothing left to do here)
     assert main(run_args(model_file, run_dir)) == 2
     assert "already holds" in capsys.readouterr().err
     assert main(run_args(model_file, run_dir, "--resume")) == 0
+    capsys.readouterr()
+    # another model on this run is refused before its weights are loaded (the dense.pt of another architecture)
+    other = tmp_path / "other_model.py"
+    other.write_text(TINY_MODEL.replace("nn.Conv2d(8, 16, 1)", "nn.Conv2d(8, 16, 3, padding=1)"))
+    assert main(run_args(f"{other}:tiny", run_dir, "--resume")) == 2
+    assert re.search(r"another configuration \(differs in: model\b", capsys.readouterr().err)
 
 
 def test_measure_and_fold_and_report(model_file, tmp_path, capsys):
@@ -96,6 +108,134 @@ def test_bad_input_gives_a_clear_error(args, message, capsys):
     assert re.search(message, err), err
 
 
+UNTRACEABLE_MODEL = '''
+import torch
+from torch import nn
+
+class Branchy(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            h = torch.relu(h)
+        return self.fc(h.mean((2, 3)))
+
+def branchy(num_classes):
+    return Branchy(num_classes)
+
+def broken(num_classes):
+    raise RuntimeError("factory failed on purpose")
+'''
+
+
+def cli_errors(tmp_path, model_file):
+    """(arguments, expected message, exit status) of every CLI error path the run can meet."""
+    models = tmp_path / "models.py"
+    models.write_text(UNTRACEABLE_MODEL)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    no_cuda = [] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU is available here", 2)]
+    return [
+        (["--max-iterations", "0"], "--max-iterations must be >= 1", 2),
+        (["--patience", "-1"], "--patience must be >= 0", 2),
+        (["--image-size", "0"], "--image-size must be >= 1", 2),
+        (["--measure-batches", "0"], "--measure-batches must be >= 1", 2),
+        (["--measure-batches", "-2"], "--measure-batches must be >= 1", 2),
+        (["--batch-size", "0"], "--batch-size must be >= 1", 2),
+        (["--protect", "nosuchsite"], r"cannot protect unknown sites \['nosuchsite'\]", 2),
+        (["--device", "gpu7"], "--device gpu7 is not a device; expected cpu, cuda or cuda:N", 2),
+        *no_cuda,
+        (["--weights", str(corrupt)], f"--weights {corrupt} is not a state_dict torch.load can read", 2),
+        (["--weights", str(wrong)], f"--weights {wrong} does not fit --model .*: keys .* missing", 2),
+        (["--model", f"{models}:broken"], r"broken\(num_classes=10\) raised RuntimeError: factory failed on purpose", 2),
+        (["--model", f"{models}:branchy"], "Branchy", 1),
+        (["--pretrain-lr", "1e30"], "pretraining failed: non-finite training loss", 1),
+        # a run directory that cannot be written (read-only, or under a file) fails before pretraining
+        (["--run-dir", str(corrupt / "run")], f"Not a directory: {corrupt / 'run'}", 1),
+    ]
+
+
+@pytest.mark.parametrize("case", range(15))
+def test_every_run_error_is_one_line_before_any_work(case, model_file, tmp_path, capsys):
+    cases = cli_errors(tmp_path, model_file)
+    if case >= len(cases):
+        pytest.skip("no such case on this machine (CUDA is available)")
+    extra, message, status = cases[case]
+    run_dir = tmp_path / "run"
+    assert main(run_args(model_file, run_dir, *extra)) == status
+    err = capsys.readouterr().err
+    assert err.startswith("easier-ext run: error:") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    # nothing but the configuration (a run that failed later is resumable): no weights, no checkpoint
+    written = sorted(p.name for p in run_dir.rglob("*") if not p.name.startswith(".")) if run_dir.exists() else []
+    assert written in ([], ["config.json"]), written
+    if "pretraining" not in message:  # found before any work: not even the configuration is written
+        assert written == []
+
+
+SLOW_MODEL = TINY_MODEL.replace("from torch import nn", """import os, time
+from torch import nn
+
+class Sleep(nn.Module):  # makes the first run slow enough to be killed mid-pretraining
+    def forward(self, x):
+        time.sleep(float(os.environ.get("EASIER_EXT_TEST_SLEEP", 0)))
+        return x
+""").replace("nn.Sequential(", "nn.Sequential(Sleep(), ")
+
+
+def test_kill_during_pretraining_then_resume_and_the_lock(tmp_path, capsys):
+    model = tmp_path / "slow_model.py"
+    model.write_text(SLOW_MODEL)
+    run_dir = tmp_path / "run"
+    args = run_args(f"{model}:tiny", run_dir, "--max-iterations", "1")
+    code = f"import sys; from easier_ext.cli import main; sys.exit(main({args!r}))"
+    env = {**os.environ, "EASIER_EXT_TEST_SLEEP": "0.2"}
+    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "config.json").exists():  # written before pretraining starts
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.1)
+        # a second run on the directory is refused while the first one holds it, and writes nothing
+        assert main(args + ["--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by process {first.pid} on " in err and err.count("\n") == 1, err
+        assert first.poll() is None and not (run_dir / "dense.pt").exists()  # still pretraining
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    leftover = run_dir / ".dense.pt.tmp-killed"
+    leftover.write_bytes(b"half")
+    # the killed run resumes (its pretraining starts again) and its temporary files go
+    assert main(args + ["--resume"]) == 0
+    assert not leftover.exists() and (run_dir / "dense.pt").exists() and (run_dir / "summary.json").exists()
+    assert json.loads((run_dir / "iterations" / "001.json").read_text())["iteration"] == 1
+
+
+def test_fold_errors_are_one_line(model_file, tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    assert main(["fold", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert f"{junk} is not a file torch.load can read" in err and err.count("\n") == 1
+    run_dir = tmp_path / "run"
+    assert main(run_args(model_file, run_dir, "--max-iterations", "1")) == 0
+    capsys.readouterr()
+    assert main(["fold", str(run_dir / "checkpoints" / "001.pt"), "--input-shape", "1", "5", "8", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "the model cannot run on --input-shape 1 5 8 8" in err and err.count("\n") == 1, err
+
+
+def test_debug_shows_the_traceback(model_file, tmp_path):
+    with pytest.raises(ValueError, match="--max-iterations must be >= 1"):
+        main(run_args(model_file, tmp_path / "run", "--max-iterations", "0", "--debug"))
+
+
 def test_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -106,8 +246,14 @@ def test_help_lists_the_subcommands(capsys):
         main(["run", "--help"])
     out = capsys.readouterr().out
     for flag in ("--method", "--budget", "--zeta", "--allocation", "--layer-cap", "--temperature", "--patience", "--fold-aware",
-                 "--fold-tolerance", "--pretrain-lr", "--resume", "--run-dir"):
+                 "--fold-tolerance", "--pretrain-lr", "--resume", "--run-dir", "--debug"):
         assert flag in out, flag
+    # a default is shown only where there is one, and once
+    assert "(default: None)" not in out and "(default: False)" not in out
+    for entry in re.split(r"\n  (?=-)", out):
+        assert entry.count("default") <= 1, entry
+    flat = " ".join(out.split())
+    assert "(default: resnet18)" in flat and "later finetune may recover) (default: 0)" in flat
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torchvision
 from torch import nn
 
 from easier_ext import EntropyReLU
-from easier_ext.costs import Cost, compare, cost
+from easier_ext.costs import Cost, LatencyComparison, compare, compare_latency, cost
 
 
 def measure(model: nn.Module, example_input) -> Cost:
@@ -314,6 +315,29 @@ def test_latency():
     assert isinstance(c.latency_s, float) and c.latency_s > 0
     assert torch.get_num_threads() == threads
     assert cost(Residual(), torch.randn(1, 8, 8, 8), min_run_time=0.01).latency_s > 0
+
+
+class Sleeps(nn.Module):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x
+
+
+def test_compare_latency_pairs_rounds_and_says_when_there_is_no_change():
+    x = torch.randn(2, 4)
+    timed = compare_latency(Sleeps(0.004), Sleeps(0.001), x, rounds=8)
+    assert timed.measurable and 2 < timed.speedup < 4.5 and timed.low <= timed.speedup <= timed.high and timed.rounds == 8
+    assert 0.0035 < timed.before_s < 0.01 and 0.0008 < timed.after_s < 0.005
+    assert str(timed).startswith(f"{timed.speedup:.2f}x faster (")
+    assert str(compare_latency(Sleeps(0.001), Sleeps(0.004), x, rounds=8)).split(" (")[0].endswith("x slower")
+    # the middle half of the rounds on both sides of 1: noise, not a speedup
+    assert str(LatencyComparison(1.0, 0.98, 1.02, 0.97, 1.05, 30)) == "no measurable change (0.97-1.05x over the middle half of 30 paired rounds)"
+    with pytest.raises(ValueError, match="rounds must be an int >= 4"):
+        compare_latency(Sleeps(0), Sleeps(0), x, rounds=3)
 
 
 # -- the model is left as it was -------------------------------------------------------------

@@ -166,10 +166,14 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch,
     assert summary["removed"] == full.removed and summary.get("sparsity") == full.sparsity
 
 
-def test_run_dir_of_another_configuration_is_refused(tmp_path):
+def test_run_dir_of_another_configuration_is_refused(tmp_path, monkeypatch):
     schedule(max_iterations=1, run_dir=tmp_path).run()
     with pytest.raises(RunDirError, match="another configuration .*budget"):
         schedule(max_iterations=1, run_dir=tmp_path, budget=2.0, resume=True)
+    # resumed by another number of processes (torchrun), the shards and reductions would differ
+    monkeypatch.setattr(schedule_module, "_world_size", lambda: 2)
+    with pytest.raises(RunDirError, match="another configuration .*differs in: world_size"):
+        schedule(max_iterations=1, run_dir=tmp_path, resume=True)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

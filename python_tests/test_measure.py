@@ -77,6 +77,9 @@ def test_max_batches_and_state_restored():
     assert s.track is False and converted.training
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k]), k  # train-mode pass did not move BN statistics
+    for bad in (0, -1, 1.5, True):  # not "everything": a typo must not silently measure the whole split
+        with pytest.raises(ValueError, match=r"max_batches must be an int >= 1 \(or None for the whole loader\)"):
+            ee.measure_entropy(converted, DataLoader(data, batch_size=4), max_batches=bad, progress=False)
 
 
 def test_train_mode_uses_batch_statistics():
