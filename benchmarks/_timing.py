@@ -50,25 +50,6 @@ def paired_ratio(samples, variant, baseline):
     return statistics.median(a / b for a, b in zip(samples[variant], samples[baseline]))
 
 
-def compare_models(before, after, x, rounds):
-    """Two models' ``no_grad`` forwards on ``x`` on the CPU, timed in paired rounds.
-
-    Returns:
-        ``(median seconds before, median seconds after, speedup)``, the speedup being the
-        median over rounds of before / after (see :func:`paired_ratio`).
-    """
-
-    def forward(m):
-        def run(x):
-            with torch.no_grad():
-                return m(x)
-
-        return run
-
-    samples = sample_calls({"before": forward(before), "after": forward(after)}, x, "cpu", min_run_time=0, min_rounds=rounds)
-    return statistics.median(samples["before"]), statistics.median(samples["after"]), 1 / paired_ratio(samples, "after", "before")
-
-
 def peak_extra_bytes(fn, x, device):
     """Peak memory the call allocates beyond its output tensor(s), from the allocator's own
     records (CUDA caching allocator stats; on the CPU, the profiler's allocation events)."""

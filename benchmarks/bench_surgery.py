@@ -30,7 +30,7 @@ from torch import nn
 import easier_ext as ee
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import compare_models, fmt_bytes, machine, paired_ratio, peak_extra_bytes, sample_calls  # noqa: E402
+from _timing import fmt_bytes, machine, paired_ratio, peak_extra_bytes, sample_calls  # noqa: E402
 
 MODELS = ("resnet18", "vgg16_bn", "mobilenet_v2")
 
@@ -96,8 +96,8 @@ def surgery(plain: nn.Module, converted: nn.Module, x: torch.Tensor, rounds: int
     folded = ee.fold(model, x[:2])
     before = ee.cost(plain, x, latency=False)
     after = ee.cost(folded, x, latency=False)
-    t_before, t_after, speedup = compare_models(plain, folded, x, rounds)
-    return len(lowest), len(entropies), before, after, {"before": t_before, "after": t_after}, speedup
+    timed = ee.compare_latency(plain, folded, x, rounds=rounds)
+    return len(lowest), len(entropies), before, after, {"before": timed.before_s, "after": timed.after_s}, timed.speedup
 
 
 def main(argv=None) -> None:

@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         print(f"easier-ext {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return 2 if isinstance(e, _BAD_INPUT) else 1
+        return 2 if isinstance(e, _BAD_INPUT) and _explained(e) else 1
 
 
 # bad input: the user can fix it by changing the command line
@@ -71,22 +71,36 @@ def _one_line(e: BaseException) -> str:
         return f"permission denied: {e.filename} (use a folder you can write, e.g. another --run-dir)"
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    lines = [line.strip() for line in _message(e).splitlines() if line.strip()]
     text = " ".join(lines) if len(lines) <= 3 else lines[0] + " ..."
-    ours = isinstance(e, _BAD_INPUT) or type(e).__module__.startswith("easier_ext")
-    text = text if ours else f"{type(e).__name__}: {text}"
-    return text if ours else f"{text} (run with --debug for the traceback)"
+    return text if _explained(e) else f"{type(e).__name__}: {text} (run with --debug for the traceback)"
+
+
+def _message(e: BaseException) -> str:
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def _explained(e: BaseException) -> bool:
+    """Whether the error explains itself: ours, or bad input with a sentence for a message (a
+    KeyError of a bare key is a failure, not something the user typed)."""
+    return type(e).__module__.startswith("easier_ext") or (isinstance(e, _BAD_INPUT) and " " in _message(e).strip())
 
 
 # -- parser -----------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other error (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="easier-ext",
         description="Make networks shallower: measure rectifier entropy, linearize (EASIER) or prune (NEPENTHE), finetune, fold.",
     )
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=bool(os.environ.get("EASIER_EXT_DEBUG")),
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=os.environ.get("EASIER_EXT_DEBUG", "").lower() not in ("", "0", "false", "no"),
                        help="show the traceback of an error (also EASIER_EXT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -330,14 +344,14 @@ def _check_numbers(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not 0 < value < float("inf"):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
-    if getattr(args, "weight_decay", 0) < 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= getattr(args, "weight_decay", 0) < float("inf"):
+        raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
 
 
 def _check_run_options(args) -> dict:
     """The method's own options, as given (unset ones take the method's defaults), after checking
     every option that can be checked without the model or the data."""
-    if not 0 <= args.budget <= 100:
+    if not 0 <= args.budget <= 100:  # also refuses nan
         raise ValueError(f"--budget must be in [0, 100] top-1 points, got {args.budget}")
     _check_numbers(args)
     names = [name for options in METHOD_OPTIONS.values() for name in options]
@@ -354,8 +368,8 @@ def _check_run_options(args) -> dict:
         raise ValueError(f"--layer-cap must be in (0, 1] (a fraction of a site's remaining weights), got {args.layer_cap}")
     if "temperature" in given and not 0 < args.temperature < float("inf"):
         raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
-    if "fold_tolerance" in given and args.fold_tolerance < 0:
-        raise ValueError(f"--fold-tolerance must be >= 0 bits, got {args.fold_tolerance}")
+    if "fold_tolerance" in given and not 0 <= args.fold_tolerance < float("inf"):
+        raise ValueError(f"--fold-tolerance must be a finite number >= 0 bits, got {args.fold_tolerance}")
     return given
 
 
@@ -363,7 +377,7 @@ def _run(args) -> int:
     from easier_ext.convert import sites
     from easier_ext.easier import EASIER
     from easier_ext.nepenthe import NEPENTHE
-    from easier_ext.rundir import atomic_write, is_main_process, seed_everything
+    from easier_ext.rundir import is_main_process, seed_everything
     from easier_ext.train import NonFiniteLossError, Recipe, finetune
 
     given = _check_run_options(args)
@@ -410,9 +424,7 @@ def _run(args) -> int:
                          device=device, progress=not args.quiet, desc="pretrain")
             except NonFiniteLossError as e:
                 raise CommandError(f"pretraining failed: {e} (--pretrain-lr sets its learning rate)") from e
-            if is_main_process():
-                state = model.state_dict()
-                atomic_write(pretrained, lambda f: torch.save(state, f))
+            schedule.run_dir.save_state_dict("dense.pt", model.state_dict())
         schedule.start_from(model)
         result = schedule.run()
         if is_main_process():
@@ -479,8 +491,9 @@ def _measure(args) -> int:
 
 
 def _fold(args) -> int:
-    from easier_ext.costs import compare, cost
+    from easier_ext.costs import compare, compare_latency, cost
     from easier_ext.fold import fold
+    from easier_ext.rundir import atomic_write
 
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"{args.checkpoint} does not exist")
@@ -488,6 +501,9 @@ def _fold(args) -> int:
         raise ValueError(f"--input-shape must be positive sizes, got {args.input_shape}")
     try:
         loaded = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"{args.checkpoint} holds classes of the module {e.name!r}, which is not importable here; run from the "
+                         f"folder of {e.name}.py (the --model FILE.py of the run) or add that folder to PYTHONPATH") from e
     except Exception as e:
         raise ValueError(f"{args.checkpoint} is not a file torch.load can read ({type(e).__name__}); expected a run's "
                          "checkpoints/NNN.pt or final_linearized.pt") from e
@@ -503,8 +519,9 @@ def _fold(args) -> int:
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass the shape of its input, batch first") from e
     folded = fold(model, x, cost=args.cost)
     out = args.output or args.checkpoint.with_name(args.checkpoint.stem + "_folded.pt")
-    torch.save(folded, out)
-    print(compare(cost(model, x), cost(folded, x)))
+    atomic_write(out, lambda f: torch.save(folded, f))
+    print(compare(cost(model, x, latency=False), cost(folded, x, latency=False)))
+    print(f"latency: {compare_latency(model, folded, x)}")
     print(f"folded model: {out} (torch.load(path, weights_only=False), without easier_ext)")
     return 0
 

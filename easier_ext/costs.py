@@ -328,7 +328,8 @@ def compare(before: Cost, after: Cost) -> str:
         after: the reduced model's cost.
 
     Returns:
-        the table, one line per quantity (params, MACs, depth, latency), no trailing newline.
+        the table, one line per quantity (params, MACs, depth, and latency when either is
+        measured), no trailing newline.
 
     Raises:
         TypeError: ``before`` or ``after`` is not a :class:`Cost`.
@@ -340,8 +341,9 @@ def compare(before: Cost, after: Cost) -> str:
         ("params", _si(before.params), _si(after.params), _ratio(before.params, after.params)),
         ("MACs", _si(before.macs), _si(after.macs), _ratio(before.macs, after.macs)),
         ("depth", str(before.depth), str(after.depth), _ratio(before.depth, after.depth)),
-        ("latency", format_seconds(before.latency_s), format_seconds(after.latency_s), _ratio(before.latency_s, after.latency_s)),
     ]
+    if before.latency_s is not None or after.latency_s is not None:
+        rows.append(("latency", format_seconds(before.latency_s), format_seconds(after.latency_s), _ratio(before.latency_s, after.latency_s)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [row[0].ljust(widths[0]) + "".join("  " + cell.rjust(w) for cell, w in zip(row[1:], widths[1:])) for row in rows]
     return "\n".join(line.rstrip() for line in lines)

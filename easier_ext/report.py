@@ -239,9 +239,12 @@ def _count(n: float | None) -> str:
     return f"{n:g}"
 
 
-def _ratio(before: float | None, after: float | None) -> str:
+def _ratio(before: float | None, after: float | None, run: Run | None = None, key: str = "") -> str:
     if not _positive(before) or after is None:
         return "-"
+    paired = (run["summary"] or {}).get("latency") if run is not None and key == "latency_s" else None
+    if paired and not LatencyComparison(**paired).measurable:  # the two medians differ by noise only
+        return "no measurable change"
     return f"{after / before:.2f}x"
 
 
@@ -420,7 +423,7 @@ def plot_costs(run: Run | PathLike, path: PathLike) -> Path:
         for dx, value, height, colour, name in ((-width / 2, before[key], 1.0, "tab:grey", "before"),
                                                  (width / 2, after[key], ratio, "tab:blue", after_label)):
             ax.bar(i + dx, height, width, color=colour, label=name if i == 0 else None)
-            text = _format_cost(key, value) + ("" if name == "before" else f"\n{ratio:.2f}x")
+            text = _format_cost(key, value) + ("" if name == "before" else f"\n{_ratio(before[key], after[key], run, key)}")
             ax.text(i + dx, height, text, ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(shown)), [label for label, _ in shown])
@@ -558,7 +561,7 @@ def _results(run: Run) -> list[str]:
     before, after = _before_after(run)
     after_label = "after" if run["summary"] is not None else f"latest (iteration {run['iterations'][-1]['iteration']})"
     rows = [("top-1 accuracy (%)", f"{dense:.2f}", f"{accuracy:.2f}", f"{accuracy - dense:+.2f} points")]
-    rows += [(label, _format_cost(key, before.get(key)), _format_cost(key, after.get(key)), _ratio(before.get(key), after.get(key)))
+    rows += [(label, _format_cost(key, before.get(key)), _format_cost(key, after.get(key)), _ratio(before.get(key), after.get(key), run, key))
              for label, key in (("depth", "depth"), ("MACs", "macs"), ("params", "params"), ("latency", "latency_s"))]
     ratio_label = "after / dense" if run["summary"] is not None else "latest / dense"
     lines = _table(("", "dense", after_label, ratio_label), rows, align="lrrr")

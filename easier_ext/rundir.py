@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import tempfile
@@ -33,8 +34,10 @@ class RunDirError(ValueError):
     taken by another process, or too little free space)."""
 
 
-# atomic_write's temporary files: ".NAME.tmp-XXXXXXXX" next to NAME
+# atomic_write's temporary files: ".NAME.tmp-XXXXXXXX" next to NAME (".NAME.XXXXXXXX" before 0.1.0's
+# lock), NAME being one of the files a run writes
 _TMP_INFIX = ".tmp-"
+_TEMPORARY = re.compile(r"^\..+\.(json|pt|md|png|csv)\.(tmp-)?[A-Za-z0-9_]{8}$")
 LOCK_NAME = ".lock"
 
 
@@ -61,16 +64,28 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        # checked before the partial file goes, since deleting it frees space again
+        full = isinstance(e, Exception) and not isinstance(e, OSError) and _disk_full(path.parent)
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if not isinstance(e, OSError) and _disk_full(path.parent):
-            # torch.save reports a failed write as a RuntimeError ("file write failed")
+        if full:  # torch.save reports a failed write as a RuntimeError ("file write failed")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        if isinstance(e, OSError) and e.filename is None:  # fsync/flush name no file
+            e.filename = str(path)
         raise
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it (Python < 3.13 has no getumask)
+    """The process's umask, read without changing it where Linux shows it (setting it to read it
+    back would race with threads creating files meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -89,17 +104,19 @@ def remove_temporary_files(folder: Path) -> list[Path]:
     Returns:
         the files removed.
     """
-    removed = [p for p in Path(folder).rglob(f".*{_TMP_INFIX}*") if p.is_file()]
+    removed = [p for p in Path(folder).rglob(".*") if p.is_file() and _TEMPORARY.match(p.name)]
     for p in removed:
         p.unlink()
     return removed
 
 
 class RunLock:
-    """An exclusive advisory lock (``flock``) on ``FOLDER/.lock`` that names its holder.
+    """An exclusive advisory lock (``lockf``) on ``FOLDER/.lock`` that names its holder.
 
     The kernel releases it when the holding process exits, however it exits, so a lock left by a
-    killed run is never in the way. One process may open it again (the same lock, counted).
+    killed run is never in the way; a ``lockf`` lock belongs to the process, so forked data-loader
+    workers do not keep it after their parent is killed (``flock`` would). One process may open it
+    again (the same lock, counted).
 
     Args:
         folder: the run directory (created when missing).
@@ -131,7 +148,7 @@ class RunLock:
         held[1] -= 1
         if held[1] == 0:
             del cls._held[folder]
-            held[0].close()  # closing the file releases the flock
+            held[0].close()  # closing the file releases the lock
 
     @staticmethod
     def _acquire(folder: Path):
@@ -140,8 +157,11 @@ class RunLock:
         if fcntl is None:
             return f
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                f.close()
+                raise
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
@@ -198,33 +218,54 @@ class RunDir:
     def __init__(self, path, config: dict, *, resume: bool = False) -> None:
         self.path = Path(path)
         self.config = json.loads(json.dumps(config))  # what it will read back as
-        self._lock = RunLock(self.path) if is_main_process() else None
-        try:
-            self._open(resume)
-        except BaseException:
-            self.close()
-            raise
+        self._lock = None
+        error = None
+        if is_main_process():
+            fresh = not (self.path / LOCK_NAME).exists()
+            self._lock = RunLock(self.path)
+            try:
+                self._open(resume)
+            except Exception as e:
+                error = e
+                self.close()
+                if fresh and not (self.path / "config.json").exists():
+                    (self.path / LOCK_NAME).unlink(missing_ok=True)  # leave a folder we refused as it was
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # rank 0 alone reads and writes the folder; every rank fails together or goes on together
+            shared = [None if error is None else str(error)]
+            dist.broadcast_object_list(shared, src=0)
+            if shared[0] is not None and error is None:
+                raise RunDirError(shared[0])
+        if error is not None:
+            raise error
 
     def _open(self, resume: bool) -> None:
         saved = self.path / "config.json"
         if saved.exists():
-            theirs = json.loads(saved.read_text())
-            if theirs != self.config:
+            try:
+                theirs = json.loads(saved.read_text())
+            except ValueError:
+                raise RunDirError(f"{saved} is not valid JSON (a file not written by easier_ext?); use another run directory") from None
+            contents = self._contents()
+            if theirs != self.config and contents:
                 diff = sorted(k for k in set(theirs) | set(self.config) if theirs.get(k) != self.config.get(k))
                 raise RunDirError(
                     f"{self.path} holds a run with another configuration (differs in: {', '.join(diff)}); "
                     "use another run directory, or the same settings to resume it"
                 )
-            if not resume and self._contents():
+            if not resume and contents:
                 raise RunDirError(
-                    f"{self.path} already holds this run ({', '.join(self._contents())}); pass resume (--resume) "
+                    f"{self.path} already holds this run ({', '.join(contents)}); pass resume (--resume) "
                     "to continue it, or use another directory"
                 )
-        elif self.path.exists() and any(not p.name.startswith(".") for p in self.path.iterdir()):
-            raise RunDirError(f"{self.path} holds files but no config.json, so it is not a run directory; use a new or empty one")
-        if is_main_process():
-            remove_temporary_files(self.path)
-            atomic_write(saved, lambda f: f.write(json.dumps(self.config, indent=2, sort_keys=True).encode()))
+            # holding only a configuration (a run that failed before its first result), it takes this one
+        elif self.path.exists():
+            files = sorted(p.name for p in self.path.iterdir() if not p.name.startswith("."))
+            # a run of easier_ext < 0.1.0 killed while pretraining left its weights without a configuration
+            if files and not (resume and files == ["dense.pt"]):
+                raise RunDirError(f"{self.path} holds files but no config.json, so it is not a run directory; use a new or empty one")
+        remove_temporary_files(self.path)
+        atomic_write(saved, lambda f: f.write(json.dumps(self.config, indent=2, sort_keys=True).encode()))
 
     def _contents(self) -> list[str]:
         """What the folder holds besides its configuration, in words."""
@@ -278,6 +319,11 @@ class RunDir:
     def write_json(self, name: str, data: Any) -> None:
         if is_main_process():
             atomic_write(self.path / name, lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+    def save_state_dict(self, name: str, state: dict) -> None:
+        """Writes a state_dict (e.g. the pretrained dense weights), rank 0 only."""
+        if is_main_process():
+            atomic_write(self.path / name, lambda f: torch.save(state, f))
 
     def save_model(self, name: str, model: torch.nn.Module) -> Optional[Path]:
         if not is_main_process():

@@ -158,7 +158,7 @@ class Schedule:
             "budget": self.budget, "recipe": None if train_fn else self.recipe.as_dict(), "train_fn": getattr(train_fn, "__qualname__", None),
             "protect": list(self.protect), "aggregate": aggregate, "measure_batches": measure_batches,
             "measure_train_mode": measure_train_mode, "max_iterations": max_iterations, "patience": patience,
-            "seed": seed, "sites": list(sites(self.model)), "world_size": _world_size(), **(settings or {}), **(config or {}),
+            "seed": seed, "sites": list(sites(self.model)), **_world_size(), **(settings or {}), **(config or {}),
         }
         self.run_dir = RunDir(run_dir, identity, resume=resume) if run_dir is not None else None
 
@@ -343,9 +343,11 @@ class Schedule:
         return result
 
 
-def _world_size() -> int:
-    # a run resumed with another number of processes would shard and reduce differently
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def _world_size() -> dict:
+    """The number of processes, for the run's identity: a run resumed with another number would
+    shard and reduce differently. Left out for one process, as runs of earlier versions were."""
+    n = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return {"world_size": n} if n > 1 else {}
 
 
 def summary(result: ScheduleResult) -> dict:

@@ -194,7 +194,7 @@ def test_kill_during_pretraining_then_resume_and_the_lock(tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = run_args(f"{model}:tiny", run_dir, "--max-iterations", "1")
     code = f"import sys; from easier_ext.cli import main; sys.exit(main({args!r}))"
-    env = {**os.environ, "EASIER_EXT_TEST_SLEEP": "0.2"}
+    env = {**os.environ, "EASIER_EXT_TEST_SLEEP": "1.0"}  # 46 s of pretraining: it is killed long before
     first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -209,7 +209,7 @@ def test_kill_during_pretraining_then_resume_and_the_lock(tmp_path, capsys):
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    leftover = run_dir / ".dense.pt.tmp-killed"
+    leftover = run_dir / ".dense.pt.tmp-k1lled00"
     leftover.write_bytes(b"half")
     # the killed run resumes (its pretraining starts again) and its temporary files go
     assert main(args + ["--resume"]) == 0
@@ -231,9 +231,22 @@ def test_fold_errors_are_one_line(model_file, tmp_path, capsys):
     assert "the model cannot run on --input-shape 1 5 8 8" in err and err.count("\n") == 1, err
 
 
-def test_debug_shows_the_traceback(model_file, tmp_path):
+def test_debug_shows_the_traceback(model_file, tmp_path, monkeypatch, capsys):
+    bad = run_args(model_file, tmp_path / "run", "--max-iterations", "0")
     with pytest.raises(ValueError, match="--max-iterations must be >= 1"):
-        main(run_args(model_file, tmp_path / "run", "--max-iterations", "0", "--debug"))
+        main(bad + ["--debug"])
+    monkeypatch.setenv("EASIER_EXT_DEBUG", "1")
+    with pytest.raises(ValueError, match="--max-iterations must be >= 1"):
+        main(bad)
+    monkeypatch.setenv("EASIER_EXT_DEBUG", "0")
+    assert main(bad) == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--budget", "x"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err == "easier-ext run: error: argument --budget: invalid float value: 'x' (see easier-ext run --help)\n"
 
 
 def test_help_lists_the_subcommands(capsys):

@@ -171,7 +171,7 @@ def test_run_dir_of_another_configuration_is_refused(tmp_path, monkeypatch):
     with pytest.raises(RunDirError, match="another configuration .*budget"):
         schedule(max_iterations=1, run_dir=tmp_path, budget=2.0, resume=True)
     # resumed by another number of processes (torchrun), the shards and reductions would differ
-    monkeypatch.setattr(schedule_module, "_world_size", lambda: 2)
+    monkeypatch.setattr(schedule_module, "_world_size", lambda: {"world_size": 2})
     with pytest.raises(RunDirError, match="another configuration .*differs in: world_size"):
         schedule(max_iterations=1, run_dir=tmp_path, resume=True)
 

@@ -40,7 +40,11 @@ def test_config_json_is_written_first_and_a_new_folder_resumes_as_a_start(tmp_pa
         assert json.loads((path / "config.json").read_text()) == CONFIG
         assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) == ["config.json"]
         assert d.iterations() == []
-    # holding only its configuration, the folder is opened again with or without resume
+    # holding only its configuration (a run that failed before its first result), the folder is
+    # opened again with or without resume, and with corrected settings
+    RunDir(path, CONFIG).close()
+    RunDir(path, {**CONFIG, "budget": 3.0}).close()
+    assert json.loads((path / "config.json").read_text())["budget"] == 3.0
     RunDir(path, CONFIG).close()
     (path / "dense.pt").write_bytes(b"weights")
     with pytest.raises(RunDirError, match=r"already holds this run \(dense.pt\); pass resume"):
@@ -53,7 +57,18 @@ def test_config_json_is_written_first_and_a_new_folder_resumes_as_a_start(tmp_pa
     (other / "notes.txt").write_text("mine")
     with pytest.raises(RunDirError, match="holds files but no config.json"):
         RunDir(other, CONFIG, resume=True)
-    assert sorted(p.name for p in other.iterdir()) == [".lock", "notes.txt"]
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]  # left as it was
+    # an earlier version's run killed while pretraining: its weights, no configuration
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "dense.pt").write_bytes(b"weights")
+    with pytest.raises(RunDirError, match="holds files but no config.json"):
+        RunDir(old, CONFIG)
+    RunDir(old, CONFIG, resume=True).close()
+    assert json.loads((old / "config.json").read_text()) == CONFIG and (old / "dense.pt").read_bytes() == b"weights"
+    (old / "config.json").write_text("{not json")
+    with pytest.raises(RunDirError, match="config.json is not valid JSON"):
+        RunDir(old, CONFIG, resume=True)
 
 
 def test_the_lock_names_its_holder_and_a_killed_holder_leaves_no_lock(tmp_path):
@@ -78,7 +93,8 @@ def test_interrupted_writes_are_cleaned_on_opening_and_files_honour_the_umask(tm
     path = tmp_path / "run"
     RunDir(path, CONFIG).close()
     (path / "iterations").mkdir()
-    leftovers = [path / ".summary.json.tmp-abc123", path / "iterations" / ".001.json.tmp-x9"]
+    # this version's names, and the earlier one's (".NAME.XXXXXXXX")
+    leftovers = [path / ".summary.json.tmp-abc12345", path / "iterations" / ".001.json.tmp-x9y8z7w6", path / ".dense.pt.k3j_9a0b"]
     for p in leftovers:
         p.write_text("half")
     (path / ".keep-me").write_text("not ours")
@@ -98,11 +114,15 @@ def test_a_full_disk_is_named_as_such(tmp_path, monkeypatch):
     def save(f):  # torch.save's own error for a failed write is a RuntimeError
         raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file data/0: file write failed")
 
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: _Usage(0))
+    def usage(folder):  # full while the partial file is there, as when the disk filled up writing it
+        return _Usage(0 if any(p.name.startswith(".model.pt.tmp-") for p in tmp_path.iterdir()) else 1 << 30)
+
+    monkeypatch.setattr(rundir.shutil, "disk_usage", usage)
     with pytest.raises(OSError) as raised:
         atomic_write(tmp_path / "model.pt", save)
     assert raised.value.errno == errno.ENOSPC and "model.pt" in str(raised.value)
     assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: _Usage(0))
     with RunDir(tmp_path / "run", CONFIG) as d, pytest.raises(RunDirError, match=r"no space for the run's checkpoints .* about 2 MiB needed, 0 MiB free"):
         d.check_space(2 << 20)
     # a write that fails for another reason is not called a full disk
