@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torchvision
 from torch import nn
 
 from easier_ext import EntropyReLU
+from easier_ext import costs
 from easier_ext.costs import Cost, LatencyComparison, compare, compare_latency, cost
 
 
@@ -141,6 +143,40 @@ def test_attention_macs(e, ev):
     c = measure(Attention(), (q, k, v))
     assert c.macs == b * h * length * source * e + b * h * length * source * ev
     assert c.depth == 2
+
+
+def test_torchvision_vit_fast_path_attention_is_counted():
+    # in eval without grad, nn.MultiheadAttention runs aten._native_multi_head_attention: the q/k/v
+    # and output projections and both attention matmuls in one op (FlopCounterMode counts it as 0)
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    b, size, patch, e, mlp, layers, classes = 2, 32, 8, 32, 64, 2, 10
+    model = VisionTransformer(image_size=size, patch_size=patch, num_layers=layers, num_heads=2, hidden_dim=e, mlp_dim=mlp,
+                              num_classes=classes).eval()
+    tokens = (size // patch) ** 2 + 1  # and the class token
+    per_layer = 3 * b * tokens * e * e + 2 * b * tokens * tokens * e + b * tokens * e * e + 2 * b * tokens * e * mlp
+    hand = b * (tokens - 1) * 3 * patch * patch * e + layers * per_layer + b * e * classes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left uncounted
+        c = cost(model, torch.randn(b, 3, size, size), latency=False)
+    assert c.macs == hand
+    assert c.depth == 1 + layers * (4 + 2) + 1  # patch conv; q/k/v projection, 2 matmuls, output projection, MLP; head
+
+
+def test_an_op_without_a_mac_count_is_named(monkeypatch):
+    monkeypatch.delitem(costs._EXTRA_FLOP_FORMULAS, torch.ops.aten._native_multi_head_attention)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+
+    class SelfAttend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    with pytest.warns(UserWarning, match=r"no MAC count for aten._native_multi_head_attention; the MACs reported leave them out"):
+        cost(SelfAttend(), torch.randn(2, 5, 8), latency=False)
 
 
 class DeepValue(nn.Module):
