@@ -7,11 +7,22 @@ import inspect
 import math
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
 
 import torch.fx as fx
 from torch import nn
 
+from easier_ext._faithful import (
+    OWNER,
+    CallerTracer,
+    SpecializingTracer,
+    Unfaithful,
+    faithful_trace,
+    make_loadable,
+    optional_parameters,
+    specialization,
+)
 from easier_ext._tracing import (
     RECTIFIER_MODULES,
     FoldTracer,
@@ -35,7 +46,7 @@ _RECTIFIER_NAME = re.compile(r"\b(relu6?_?|leaky_relu_?|gelu|silu)\b|\b(ReLU6?|L
 
 
 class UntraceableSiteError(RuntimeError):
-    """Some rectifier call sites sit in a forward that torch.fx cannot trace."""
+    """Some rectifier call sites sit in a forward that torch.fx cannot trace faithfully."""
 
 
 def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = True, inplace: bool = False, strict: bool = True) -> nn.Module:
@@ -52,7 +63,15 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
     its sites use the same weight.
 
     Outputs do not change. In-place calls become out-of-place and later uses of their input read
-    the result, as before.
+    the result, as before. A forward is only rewritten from a trace that computes what it does:
+    one that does not depend on the training mode nor on whether an optional argument is given
+    (``if shortcut is None: shortcut = x``). A module whose forward cannot be traced that way on
+    its own (such a branch, or ``x[i] = ...`` into the list it is given) is traced as its caller
+    calls it: the closest enclosing module whose trace works (up to the whole model) is traced
+    through it, and the module is traced again alone with the arguments it gets there fixed (a
+    list of tensors of that length, ``None`` where nothing is passed; torch.fx checks the fixed
+    ones at every call); its rectifier modules are just swapped when it calls each once. A
+    module that can be converted neither way is refused (see ``strict``), never rewritten.
 
     Args:
         model: any ``nn.Module``; not modified unless ``inplace``.
@@ -63,7 +82,8 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
         track: whether the new sites count ON states while running.
         inplace: convert ``model`` itself instead of a deep copy.
         strict: raise :class:`UntraceableSiteError` when a forward that may call rectifiers
-            cannot be traced; with ``False``, warn and leave those sites unconverted.
+            cannot be traced faithfully, alone or as part of its callers; with ``False``, warn
+            and leave those sites unconverted (the module computes what it did).
 
     Returns:
         the converted model (``model`` itself when ``inplace``).
@@ -77,14 +97,20 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
     if not inplace:
         model = copy.deepcopy(model)
     converter = _Converter(channel_dim, track)
-    model = converter.convert(model, "")
+    model, pending = converter.convert(model, "")
+    converter.finish(pending)
     if converter.untraceable:
-        message = "could not convert these rectifier call sites, because torch.fx cannot trace the forward that calls them:\n" + "\n".join(
+        message = "could not convert these rectifier call sites, because torch.fx cannot trace the forward that calls them faithfully:\n" + "\n".join(
             f"  - {line}" for line in converter.untraceable
         )
         if strict:
-            raise UntraceableSiteError(message + "\nrewrite those forwards without data-dependent control flow, or pass strict=False to leave them unconverted")
+            raise UntraceableSiteError(message + "\nrewrite those forwards without such control flow, or pass strict=False to leave them unconverted")
         warnings.warn(message, stacklevel=2)
+    if converter.unused:
+        warnings.warn(
+            f"left unconverted, since torch.fx cannot trace them on their own and the model's forward never calls them: "
+            f"{', '.join(converter.unused)}", stacklevel=2,
+        )
     found = sites(model)
     if not found:
         raise ValueError(
@@ -125,6 +151,23 @@ def site(model: nn.Module, name: str) -> EntropyActivation:
     raise KeyError(f"unknown site {name!r}{hint}")
 
 
+@dataclass
+class _Pending:
+    """A module whose rectifier calls its own trace cannot convert; a caller's trace may."""
+
+    module: nn.Module
+    path: str
+    reason: str  # why its own trace cannot be used
+    swap_plan: Optional[dict[str, Optional[nn.Module]]] = None  # see _Converter._swap_plan
+    callers: str = ""  # why the traces of its callers could not be used either
+
+    def describe(self) -> str:
+        children = [_join(self.path, n) for n, c in self.module.named_children() if isinstance(c, RECTIFIER_MODULES)]
+        what = f"its rectifier modules {', '.join(children)}" if children else "the rectifier calls in its forward"
+        callers = f"; {self.callers}" if self.callers else ""
+        return f"{self.path or '<model>'} ({type(self.module).__name__}): {what}; {self.reason}{callers}"
+
+
 class _Converter:
     def __init__(self, channel_dim: ChannelDim, track: bool) -> None:
         if channel_dim is not None and not isinstance(channel_dim, (int, Mapping)):
@@ -132,20 +175,32 @@ class _Converter:
         self.channel_dim = channel_dim
         self.track = track
         self.untraceable: list[str] = []
+        self.unused: list[str] = []  # untraceable alone, and never called by the model's forward
 
-    def convert(self, module: nn.Module, path: str) -> nn.Module:
-        """Converts ``module``'s own calls, then its children; returns what replaces it."""
+    def convert(self, module: nn.Module, path: str) -> tuple[nn.Module, list[_Pending]]:
+        """Converts ``module``'s children, then its own calls, then the calls of the modules below
+        it that could not be converted on their own but can be from its trace.
+
+        Returns:
+            what replaces ``module``, and the modules below it (itself included) still waiting
+            for a caller's trace.
+        """
         if isinstance(module, EntropyActivation) or isinstance(module, RECTIFIER_MODULES):
-            return module  # a rectifier is converted by whoever calls it
+            return module, []  # a rectifier is converted by whoever calls it
+        pending: list[_Pending] = []
+        for name, child in list(module.named_children()):
+            new, waiting = self.convert(child, _join(path, name))
+            if new is not child:
+                setattr(module, name, new)
+            pending += waiting
+        own = None
         if is_sequential(module):
             self._convert_sequential(module, path)
         elif _may_call_rectifiers(module):
-            module = self._convert_traced(module, path)
-        for name, child in list(module.named_children()):
-            new = self.convert(child, _join(path, name))
-            if new is not child:
-                setattr(module, name, new)
-        return module
+            module, own = self._convert_traced(module, path)
+        if pending and own is None:
+            pending = self._convert_from_caller(module, path, pending)
+        return module, pending + ([own] if own is not None else [])
 
     def _site(self, torch_module: nn.Module, name: str, producer: Optional[nn.Module]) -> EntropyActivation:
         dim = self.channel_dim
@@ -163,12 +218,42 @@ class _Converter:
             if not isinstance(child, _PASS_THROUGH):
                 producer = child
 
-    def _convert_traced(self, module: nn.Module, path: str) -> nn.Module:
+    def _convert_traced(self, module: nn.Module, path: str) -> tuple[nn.Module, Optional[_Pending]]:
         try:
-            graph = ShallowTracer().trace(module)
-        except Exception as e:  # fx raises TraceError, TypeError, NameError, ...
-            self._record_untraceable(module, path, e)
-            return module
+            _, graph = faithful_trace(module, ShallowTracer)
+        except Unfaithful as e:
+            variants = [[n for n in g.nodes if _rectifier_target(module, n) is not None or rectifier_spec(n) is not None] for g in e.graphs]
+            if e.graphs and not any(variants):
+                return module, None  # no way through its forward that torch.fx can trace calls a rectifier
+            return module, _Pending(module, path, str(e), self._swap_plan(module, variants) if e.graphs else None)
+        return self._convert_graph(module, path, graph), None
+
+    def _swap_plan(self, module: nn.Module, variants: list[list[fx.Node]]) -> Optional[dict[str, Optional[nn.Module]]]:
+        """When every traced variant of ``module``'s forward calls each of its rectifier children
+        at most once (and nothing else), those children (name: producer): swapping them in place
+        keeps the forward as it is, whatever way through it a call takes (one torch.fx could not
+        trace might call a child twice: its one site would then count both calls)."""
+        plan: dict[str, Optional[nn.Module]] = {}
+        for calls in variants:
+            swappable = _swappable(calls, "")
+            if swappable is None:
+                return None
+            for name, node in swappable.items():
+                plan.setdefault(name, _producer(module.get_submodule, node))
+        return plan
+
+    def finish(self, pending: list[_Pending]) -> None:
+        """The modules no caller's trace could convert: swaps the rectifier children of those whose
+        every traced variant calls each once; the others stay as they are, reported."""
+        for p in pending:
+            if p.swap_plan is None:
+                self.untraceable.append(p.describe())
+                continue
+            for name, producer in p.swap_plan.items():
+                setattr(p.module, name, self._site(getattr(p.module, name), _join(p.path, name), producer))
+
+    def _convert_graph(self, module: nn.Module, path: str, graph: fx.Graph) -> nn.Module:
+        """Converts the rectifier calls of ``graph``, a faithful trace of ``module`` alone."""
         calls = [n for n in graph.nodes if _rectifier_target(module, n) is not None or rectifier_spec(n) is not None]
         if not calls:
             return module
@@ -181,6 +266,62 @@ class _Converter:
             setattr(module, node.target, self._site(getattr(module, node.target), _join(path, node.target), producer))
         _order_children_by_use(module, graph)
         return module
+
+    def _convert_from_caller(self, caller: nn.Module, path: str, pending: list[_Pending]) -> list[_Pending]:
+        """Converts the ``pending`` modules below ``caller`` from a trace of ``caller`` through
+        them (and through the modules between); returns those still pending."""
+        relative = {id(p.module): p.path[len(path) + 1 :] if path else p.path for p in pending}
+        through = set(relative)
+        for rel in relative.values():
+            parts = rel.split(".")
+            through |= {id(caller.get_submodule(".".join(parts[:i]))) for i in range(1, len(parts))}
+        where = f"{path or '<model>'} ({type(caller).__name__})"
+        try:
+            tracer, graph = faithful_trace(caller, lambda: CallerTracer(through, set(relative)))
+        except Unfaithful as e:
+            for p in pending:
+                p.callers = f"nor as part of {where}: {e}"
+            return pending
+        optional = {n for n in graph.nodes if n.op == "placeholder" and n.target in optional_parameters(caller)}
+        left = []
+        for p in sorted(pending, key=lambda p: -p.path.count(".")):  # the deepest first: their callers copy them
+            if id(p.module) not in tracer.invocations and not path:
+                self.unused.append(p.path)  # the model never calls it: left as it is, nothing changes
+                continue
+            try:
+                self._convert_pending(caller, p, relative[id(p.module)], tracer, graph, optional)
+            except Unfaithful as e:
+                p.callers = f"nor as part of {where}: {e}"
+                left.append(p)
+        return left
+
+    def _convert_pending(self, caller: nn.Module, p: _Pending, rel: str, tracer: CallerTracer, graph: fx.Graph, optional: set) -> None:
+        module = p.module
+        invocations = tracer.invocations.get(id(module))
+        if not invocations:
+            raise Unfaithful("it does not call it as a module (it may be called from higher up)")
+        calls = [
+            n for n in graph.nodes
+            if n.meta[OWNER][0] == id(module) and (_rectifier_target(caller, n) is not None or rectifier_spec(n) is not None)
+        ]
+        if not calls:
+            return
+        swapped = _swappable(calls, rel)
+        if swapped is not None:  # its forward stays as it is: swapping its modules cannot change it
+            for name, node in swapped.items():
+                producer = _producer(caller.get_submodule, node)
+                setattr(module, name, self._site(getattr(module, name), _join(p.path, name), producer))
+            return
+        concrete = specialization(module, invocations, optional)
+        try:
+            _, alone = faithful_trace(module, lambda: SpecializingTracer(concrete), concrete, check_optional=False)
+        except Unfaithful as e:
+            raise Unfaithful(f"traced alone with the arguments it gets there: {e}") from e
+        make_loadable(alone)
+        new = self._convert_graph(module, p.path, alone)
+        if new is not module:
+            parent, _, name = rel.rpartition(".")
+            setattr(caller.get_submodule(parent) if parent else caller, name, new)
 
     def _rewrite(self, module: nn.Module, path: str, graph: fx.Graph, calls: list[fx.Node]) -> fx.GraphModule:
         """``module`` as a GraphModule with one site per rectifier call."""
@@ -227,12 +368,6 @@ class _Converter:
         gm.recompile()
         return gm
 
-    def _record_untraceable(self, module: nn.Module, path: str, error: Exception) -> None:
-        children = [_join(path, n) for n, c in module.named_children() if isinstance(c, RECTIFIER_MODULES)]
-        what = f"its rectifier modules {', '.join(children)}" if children else "the rectifier calls in its forward"
-        self.untraceable.append(f"{path or '<model>'} ({type(module).__name__}): {what}; torch.fx: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-
-
 def _may_call_rectifiers(module: nn.Module) -> bool:
     """Whether tracing ``module``'s forward could find a rectifier call.
 
@@ -250,6 +385,25 @@ def _may_call_rectifiers(module: nn.Module) -> bool:
     except (OSError, TypeError):
         return True  # no source to read: trace to be sure
     return _RECTIFIER_NAME.search(source) is not None
+
+
+def _swappable(calls: list[fx.Node], rel: str) -> Optional[dict[str, fx.Node]]:
+    """The rectifier children (name: first call) of the module at ``rel`` when ``calls``, its
+    rectifier calls in a caller's trace, are calls of its own rectifier children, each at most
+    once per call of the module; else None."""
+    prefix = f"{rel}." if rel else ""
+    first: dict[str, fx.Node] = {}
+    seen: set = set()
+    for node in calls:
+        if node.op != "call_module" or not node.target.startswith(prefix) or "." in node.target[len(prefix) :]:
+            return None
+        name = node.target[len(prefix) :]
+        call = node.meta.get(OWNER, (None, 0))[1]  # which call of the module (a trace of it alone: one)
+        if (call, name) in seen:
+            return None
+        seen.add((call, name))
+        first.setdefault(name, node)
+    return first
 
 
 def _rectifier_target(module: nn.Module, node: fx.Node) -> Optional[nn.Module]:

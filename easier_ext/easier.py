@@ -4,7 +4,7 @@ repeat while the accuracy stays within a budget; then fold."""
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -59,15 +59,20 @@ class EASIER(Schedule):
         settings = {"fold_aware": fold_aware, "fold_tolerance": self.fold_tolerance}
         super().__init__(model, train_loader, val_loader, example_input=example_input, settings=settings, **options)
 
-    def _step(self, model: nn.Module, entropies: dict[str, float]) -> dict:
+    def _step(self, model: nn.Module, entropies: dict[str, float]) -> Optional[dict]:
         chosen = self._choose(model, entropies)
+        if not chosen:
+            return None
         linearize(model, chosen)
         return {"removed": chosen}
 
     def _choose(self, model: nn.Module, entropies: dict[str, float]) -> list[str]:
         """The lowest-entropy site (fold-aware: a nearly as low one that lets a merge pay) and
-        every site at zero entropy."""
+        every site at zero entropy; none when no unprotected site was measured (a site that
+        never ran has no entropy, see :func:`easier_ext.measure_entropy`)."""
         candidates = sorted((h, n) for n, h in entropies.items() if n not in self.protect)
+        if not candidates:
+            return []
         lowest = candidates[0][1]
         if self.fold_aware:
             near = [n for h, n in candidates if h <= candidates[0][0] + self.fold_tolerance]

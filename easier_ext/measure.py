@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
@@ -71,6 +72,11 @@ def measure_entropy(
     counts after it; tracking flags, the training flag and (in ``train`` mode) BatchNorm running
     statistics are restored.
 
+    A site that no batch reached (a branch the model does not take in this mode, such as an
+    auxiliary head that runs only in training, or a module its forward never calls) has no
+    observation, so its entropy is unknown, not 0: it is left out of the result, with a warning
+    naming it, and so a schedule never linearizes it.
+
     Args:
         model: a converted model (see :func:`easier_ext.convert`), or a DDP wrapper of one.
         loader: iterable of batches: a tensor, or a tuple/list whose first item is the input,
@@ -84,11 +90,11 @@ def measure_entropy(
         progress: show a progress bar (rank 0 only).
 
     Returns:
-        ``{site name: SiteEntropy}`` in execution order.
+        ``{site name: SiteEntropy}`` in execution order, for the sites that saw data.
 
     Raises:
-        ValueError: no sites, an empty loader, an unknown aggregate or estimator, ``max_batches``
-            below 1.
+        ValueError: no sites, an empty loader, no site reached by any batch, an unknown
+            aggregate or estimator, ``max_batches`` below 1.
     """
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be an int >= 1 (or None for the whole loader), got {max_batches!r}")
@@ -118,9 +124,23 @@ def measure_entropy(
         raise ValueError("the loader gave no batches; nothing was measured")
 
     if reference is not None:
-        return reference.results(batches)
+        return _measured(reference.results(batches), found, train)
     _all_reduce_counts(found)
-    return {name: _site_entropy(name, s, aggregate) for name, s in found.items()}
+    return _measured({name: _site_entropy(name, s, aggregate) for name, s in found.items() if int(s.observations) > 0}, found, train)
+
+
+def _measured(result: dict[str, SiteEntropy], found: dict[str, EntropyActivation], train: bool) -> dict[str, SiteEntropy]:
+    """``result`` once every site is known to have run; warns about (or refuses) the others."""
+    never = [n for n in found if n not in result]
+    mode = "train" if train else "eval"
+    if not result:
+        raise ValueError(f"no site saw any data in this measurement ({mode} mode): the model's forward never reached {', '.join(never)}")
+    if never:
+        warnings.warn(
+            f"{len(never)} of {len(found)} sites never ran in this measurement ({mode} mode), so their entropy is unknown; "
+            f"they are left out of the result: {', '.join(never)}", stacklevel=3,
+        )
+    return result
 
 
 def _site_entropy(name: str, s: EntropyActivation, aggregate: str) -> SiteEntropy:
@@ -218,6 +238,8 @@ class _ReferenceEstimator:
     def results(self, batches: int) -> dict[str, SiteEntropy]:
         out = {}
         for name in self.found:
+            if not self.obs[name]:
+                continue  # never ran: see _measured
             counts = self.counts[name].cpu()
             h = float(self.sums[name]) / batches
             out[name] = SiteEntropy(name, h, binary_entropy(counts, self.obs[name]), counts, self.obs[name], "easier")

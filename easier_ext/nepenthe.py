@@ -126,7 +126,7 @@ class NEPENTHE(Schedule):
         return trajectory[-1]["entropies"] or super()._entropies(model, trajectory)
 
     def _step(self, model: nn.Module, entropies: dict[str, float]) -> Optional[dict]:
-        remaining = self._remaining(model)
+        remaining = [n for n in self._remaining(model) if n in entropies]  # a site that never ran has no entropy: left alone
         zero = [n for n in remaining if entropies[n] == 0.0]  # only the dense model's, at iteration 1
         linearize(model, zero, mode="auto", prepare_fold=False)
         live = [n for n in remaining if n not in zero]
@@ -177,7 +177,7 @@ class NEPENTHE(Schedule):
 
     def _after_finetune(self, model: nn.Module, step: dict, k: int) -> dict:
         entropies = self._measure(model, k)
-        zero = [n for n in self._remaining(model) if entropies[n] == 0.0]
+        zero = [n for n in self._remaining(model) if entropies.get(n) == 0.0]
         paths = Paths(model)
         exact = _constant_input_scales(model, paths, zero, self.example_input)
         for n in zero:  # exact on the measured data; on every input where the input is a constant

@@ -256,3 +256,278 @@ def test_site_lookup_errors():
     assert ee.site(model, "layer2.0.relu_1") is model.layer2[0].relu_1
     with pytest.raises(KeyError, match="did you mean 'layer2.0.relu_1'"):
         ee.site(model, "layer2.0.relu1")
+
+
+# -- forwards a trace of the module alone would change (issue 13) ------------------------------
+
+
+class ShortcutBlock(nn.Module):
+    """DLA's blocks: an optional argument the forward branches on, and one ReLU called twice."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:  # a trace of the block alone takes the other way: x + None
+            shortcut = x
+        return self.relu(self.conv2(self.relu(self.conv1(x))) + shortcut)
+
+
+class SwapOnlyBlock(nn.Module):
+    """The same branch, with each rectifier module called once: swapping them keeps its forward."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.act, self.act_shortcut = nn.ReLU(), nn.LeakyReLU(0.1)
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = self.act_shortcut(x)
+        return self.act(self.conv(x) + shortcut)
+
+
+class ShortcutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.a, self.b = ShortcutBlock(), ShortcutBlock()
+        self.c, self.d = SwapOnlyBlock(), SwapOnlyBlock()
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.a(x)  # without the argument
+        y = self.b(y, shortcut=x)  # with it
+        return self.d(self.c(y), x)
+
+
+def _equal_outputs(converted, original, *args):
+    with torch.no_grad():
+        for mode in (False, True):
+            torch.manual_seed(0)
+            expected = original.train(mode)(*[a.clone() for a in args])
+            torch.manual_seed(0)
+            got = converted.train(mode)(*[a.clone() for a in args])
+            assert torch.equal(got, expected), f"outputs differ in {'train' if mode else 'eval'} mode"
+
+
+def test_optional_argument_the_forward_branches_on_keeps_both_ways():
+    torch.manual_seed(0)
+    model = ShortcutNet()
+    x = torch.randn(2, 3, 6, 6)
+    converted = ee.convert(model)
+    _equal_outputs(converted, model, x)
+    assert list(ee.sites(converted)) == [
+        "a.relu", "a.relu_1", "b.relu", "b.relu_1", "c.act_shortcut", "c.act", "d.act",
+    ] and len(ee.sites(converted)) == reference_site_calls(model, x)
+    # a and b were traced with the arguments the model gives them; torch.fx checks the fixed one
+    assert isinstance(converted.a, torch.fx.GraphModule) and type(converted.a).__name__ == "ShortcutBlock"
+    assert "_assert_is_none" in converted.a.code and "_assert_is_none" not in converted.b.code
+    with pytest.raises(AssertionError, match="shortcut has been specialized to have value None"):
+        converted.a(torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3))  # never a silently different result
+    # the blocks that only needed their modules swapped keep their own forward
+    assert type(converted.c) is SwapOnlyBlock and isinstance(converted.c.act_shortcut, ee.EntropyActivation)
+    # every site saw data; the branch the model never takes (d's own shortcut) has no site
+    converted(x)
+    assert all(s.observations > 0 for s in ee.sites(converted).values())
+    assert type(converted.d.act_shortcut) is nn.LeakyReLU
+    # whole-model pickling (a checkpoint) loads back, and torch.fx still traces afterwards
+    buf = io.BytesIO()
+    torch.save(converted, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    _equal_outputs(loaded, model, x)
+    assert list(ee.sites(ee.convert(loaded))) == list(ee.sites(converted))
+    ee.fold(loaded.eval(), x)
+
+
+def test_a_block_called_with_and_without_its_argument_is_refused_not_changed():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = ShortcutBlock()
+
+        def forward(self, x):
+            return self.block(self.block(x), x)  # one block, called both ways
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), Twice())
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(ee.UntraceableSiteError, match=r"2.block \(ShortcutBlock\): its rectifier modules 2.block.relu; its forward depends on whether the optional argument 'shortcut' is given.*called with different kinds of arguments"):
+        ee.convert(model)
+    with pytest.warns(UserWarning, match="2.block"):
+        partial = ee.convert(model, strict=False)
+    assert list(ee.sites(partial)) == ["1"]
+    assert type(partial[2].block) is ShortcutBlock and isinstance(partial[2].block.relu, nn.ReLU)
+    _equal_outputs(partial, model, x)
+
+
+class Fuse(nn.Module):
+    """HRNet's multi-resolution module: writes into the list it is given (a proxy has no item
+    assignment, so it cannot be traced alone) and calls one ReLU per output."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.branches = nn.ModuleList([nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)])
+        self.fuse_act = nn.ReLU()
+
+    def forward(self, x: list):
+        for i, branch in enumerate(self.branches):
+            x[i] = branch(x[i])
+        return [self.fuse_act(x[0] + x[1]), self.fuse_act(x[0] - x[1])]
+
+
+class SequentialList(nn.Sequential):
+    """HRNet's stage container: its own forward, which cannot trace Fuse either (x is a proxy)."""
+
+    def forward(self, x):
+        for module in self:
+            x = module(x)
+        return x
+
+
+class MultiResolution(nn.Module):
+    def __init__(self, reads_after=False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+        self.stage = SequentialList(Fuse(), Fuse())
+        self.reads_after = reads_after
+
+    def forward(self, x):
+        x = self.stem(x)
+        xs = [x, x * 2]
+        ys = self.stage(xs)
+        out = ys[0] + ys[1]
+        return out + xs[0] if self.reads_after else out  # xs[0] as the first Fuse left it
+
+
+def test_module_untraceable_alone_is_converted_from_the_whole_model_trace():
+    torch.manual_seed(0)
+    model = MultiResolution()
+    x = torch.randn(2, 3, 5, 5)
+    converted = ee.convert(model)
+    _equal_outputs(converted, model, x)
+    assert list(ee.sites(converted)) == ["stem.1", "stage.0.fuse_act", "stage.0.fuse_act_1", "stage.1.fuse_act", "stage.1.fuse_act_1"]
+    assert len(ee.sites(converted)) == reference_site_calls(model, x)
+    # only the modules that needed it are rewritten; the model and its containers keep their classes
+    assert type(converted) is MultiResolution and type(converted.stage) is SequentialList
+    assert isinstance(converted.stage[0], torch.fx.GraphModule) and type(converted.stage[0]).__name__ == "Fuse"
+    folded = ee.fold(converted.eval(), x[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_module_whose_writes_its_caller_reads_is_refused():
+    torch.manual_seed(0)
+    model = MultiResolution(reads_after=True)  # the caller reads the list the first Fuse wrote into
+    with pytest.raises(ee.UntraceableSiteError, match=r"stage.0 \(Fuse\): its rectifier modules stage.0.fuse_act; torch.fx: TypeError: 'Proxy' object does not support item assignment.*writes into the containers it is given"):
+        ee.convert(model)
+    with pytest.warns(UserWarning, match="stage.0"):
+        partial = ee.convert(model, strict=False)
+    _equal_outputs(partial, model, torch.randn(2, 3, 5, 5))
+    assert "stage.0.fuse_act" not in ee.sites(partial) and "stage.1.fuse_act_1" in ee.sites(partial)
+
+
+def test_optional_argument_passed_through_is_not_specialized():
+    class Masked(nn.Module):
+        def forward(self, x, mask=None):
+            return x if mask is None else x * mask
+
+    class Block(nn.Module):  # mask only goes to a submodule: one graph serves both ways
+        def __init__(self):
+            super().__init__()
+            self.fc, self.masked = nn.Linear(4, 4), Masked()
+
+        def forward(self, x, mask=None):
+            return F.gelu(self.masked(F.relu(self.fc(x)), mask))
+
+    torch.manual_seed(0)
+    block = Block()
+    converted = ee.convert(block)
+    assert list(ee.sites(converted)) == ["relu", "gelu"] and "_assert" not in converted.code
+    x, mask = torch.randn(3, 4), (torch.rand(3, 4) > 0.5).float()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), block(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(converted(x, mask), block(x, mask), rtol=1e-6, atol=1e-6)
+
+
+class TrainingOnly(nn.Module):
+    """A forward that reads self.training: a traced graph would keep the mode it was traced in."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.relu(F.dropout(F.relu(self.fc(x)), 0.5, self.training))
+
+
+def test_forward_that_depends_on_the_training_mode_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), TrainingOnly())
+    with pytest.raises(ee.UntraceableSiteError, match=r"2 \(TrainingOnly\): the rectifier calls in its forward; its forward depends on the training mode"):
+        ee.convert(model)
+    with pytest.warns(UserWarning, match="training mode"):
+        partial = ee.convert(model, strict=False)
+    assert list(ee.sites(partial)) == ["1"]
+    _equal_outputs(partial, model, torch.randn(8, 4))
+
+
+def test_rectifier_modules_of_a_forward_that_reads_the_mode_are_still_swapped():
+    class Aux(nn.Module):  # Inception-like: a head that runs only in training, each ReLU called once
+        def __init__(self):
+            super().__init__()
+            self.fc, self.aux = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.act, self.aux_act = nn.ReLU(), nn.ReLU()
+
+        def forward(self, x):
+            y = self.act(self.fc(x))
+            if self.training:
+                y = y + self.aux_act(self.aux(y))
+            return y
+
+    torch.manual_seed(0)
+    model = Aux()
+    converted = ee.convert(model)  # the whole model reads the mode: no caller to trace, but a swap is safe
+    assert type(converted) is Aux and list(ee.sites(converted)) == ["act", "aux_act"]
+    _equal_outputs(converted, model, torch.randn(5, 4))
+
+
+def test_root_forward_branching_on_its_optional_argument_is_refused():
+    torch.manual_seed(0)
+    block = ShortcutBlock()
+    with pytest.raises(ee.UntraceableSiteError, match=r"<model> \(ShortcutBlock\): its rectifier modules relu; its forward depends on whether the optional argument 'shortcut'"):
+        ee.convert(block)
+
+
+def test_untraceable_module_the_model_never_calls_is_left_as_it_is():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+            self.spare = Fuse()  # registered, never called
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    model = Net()
+    with pytest.warns(UserWarning, match="never calls them: spare"):
+        converted = ee.convert(model)
+    assert list(ee.sites(converted)) == ["act"] and isinstance(converted.spare.fuse_act, nn.ReLU)
+
+
+@pytest.mark.parametrize("name", ["dla34", "hrnet_w18_small"])
+def test_timm_models_convert_from_the_whole_model_trace(name):
+    """Issue 13: dla34 converted and then failed at every forward; hrnet_w18_small was refused."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    converted = ee.convert(model)
+    assert type(converted) is type(model)
+    assert len(ee.sites(converted)) == reference_site_calls(model, x)
+    with torch.no_grad():
+        assert torch.equal(converted(x), model(x))
+    assert all(s.observations > 0 for s in ee.sites(converted).values())

@@ -128,6 +128,55 @@ def test_linearized_sites_are_skipped_and_errors():
         ee.measure_entropy(converted, [torch.randn(1, 3, 8, 8)], aggregate="max", progress=False)
 
 
+class AuxNet(nn.Module):
+    """A trunk, a head that runs only in training (Inception's auxiliary logits) and a module the
+    forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4), nn.ReLU())
+        self.aux = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.spare = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+
+    def forward(self, x):
+        y = self.trunk(x)
+        return y + self.aux(y) if self.training else y
+
+
+def test_sites_that_never_run_are_left_out_not_reported_at_entropy_zero():
+    converted = ee.convert(AuxNet())
+    assert list(ee.sites(converted)) == ["trunk.1", "trunk.5", "aux.1", "spare.1"]
+    loader = DataLoader(dataset(), batch_size=8)
+    with pytest.warns(UserWarning, match=r"2 of 4 sites never ran in this measurement \(eval mode\).*: aux.1, spare.1"):
+        r = ee.measure_entropy(converted, loader, progress=False)
+    assert list(r) == ["trunk.1", "trunk.5"] and all(v.observations > 0 for v in r.values())
+    with pytest.warns(UserWarning, match=r"1 of 4 sites never ran in this measurement \(train mode\).*: spare.1"):
+        r_train = ee.measure_entropy(converted, loader, train=True, progress=False)
+    assert list(r_train) == ["trunk.1", "trunk.5", "aux.1"]
+    with pytest.warns(UserWarning, match="aux.1, spare.1"):
+        ref = ee.measure_entropy(converted, loader, estimator="easier_reference", progress=False)
+    assert list(ref) == ["trunk.1", "trunk.5"]
+    with pytest.raises(ValueError, match="no site saw any data.*never reached trunk.1, trunk.5, aux.1, spare.1"):
+        ee.measure_entropy(converted, [torch.randn(0, 3, 8, 8)], progress=False)
+
+
+def test_schedules_never_linearize_a_site_that_never_ran():
+    from test_easier import schedule
+    from easier_ext.nepenthe import NEPENTHE
+
+    model = ee.convert(AuxNet())
+    with pytest.warns(UserWarning, match="never ran"):
+        measured = {n: r.entropy for n, r in ee.measure_entropy(model, DataLoader(dataset(), batch_size=8), progress=False).items()}
+    easier = schedule(model, protect=["trunk.1", "trunk.5"])
+    assert easier._choose(model, measured) == [] and easier._step(copy.deepcopy(model), measured) is None
+    assert schedule(model)._choose(model, measured)[0] in ("trunk.1", "trunk.5")
+    nepenthe = schedule(model, method=NEPENTHE)
+    work = copy.deepcopy(model)
+    nepenthe._step(work, measured)
+    assert not any(ee.sites(work)[n].linearized for n in ("aux.1", "spare.1"))
+
+
 # -- DDP: 2 gloo processes on CPU ---------------------------------------------------------------
 
 
