@@ -50,7 +50,7 @@ def find_chains(graph: fx.Graph, root: nn.Module, transparent: Callable[[fx.Node
         graph: a graph whose ``call_module`` targets name submodules of ``root``.
         root: the module the graph runs on.
         transparent: which nodes between two layers may be looked through (each must take the
-            previous node as its only input and have one user).
+            previous node as its only input besides attributes, and have one user).
 
     Returns:
         the chains, in graph order. A layer module called at several nodes is never part of one.
@@ -70,7 +70,7 @@ def find_chains(graph: fx.Graph, root: nn.Module, transparent: Callable[[fx.Node
         """The layer that alone consumes ``n``'s output, through transparent nodes."""
         while len(n.users) == 1:
             (user,) = n.users
-            if len(user.all_input_nodes) != 1:
+            if len([i for i in user.all_input_nodes if i.op != "get_attr"]) != 1:
                 return None
             if layer(user) is not None:
                 return user

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import operator
 import warnings
 from dataclasses import dataclass
@@ -13,11 +12,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from easier_ext._tracing import is_stochastic_depth, trace_model
+from easier_ext._tracing import FoldTracer, is_stochastic_depth
 from easier_ext.chains import find_chains, own_macs, plan_segments
 from easier_ext.merge import add_convs, compose_convs, compose_linears
 from easier_ext.modules import EntropyActivation
@@ -47,17 +47,55 @@ _ELEMENTWISE_FUNCTIONS = {
 #: call_method targets (``x.relu()``) that map each element alone, none in place.
 _ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "clamp", "relu", "sigmoid", "tanh"}
 
+#: Functional layers that become their torch.nn module when their weights are fixed, with their
+#: parameters in order and defaults.
+_FUNCTIONAL_CONVS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
+_CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_LINEAR_PARAMS = ("input", "weight", "bias")
+_BATCH_NORM_PARAMS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_BATCH_NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+_BATCH_NORMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}  # by input rank
+#: Ops whose result is not a function of their inputs (random, or uninitialized memory): never
+#: computed ahead of time. Names, and parts of names.
+_RANDOM_OPS = {"normal", "bernoulli", "multinomial", "poisson", "binomial", "gumbel_softmax", "rrelu"}
+_NOT_STATIC_PARTS = ("rand", "dropout", "empty")
+#: Ops whose result may share its input's memory.
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "expand", "expand_as", "permute", "transpose", "t", "squeeze", "unsqueeze",
+    "flatten", "unflatten", "narrow", "select", "as_strided", "contiguous", "split", "chunk", "unbind", "movedim", "detach",
+}  # fmt: skip
+#: Python values that a computed-once result may be written into a graph's arguments as (not a
+#: dtype or device read from a weight: they must follow the folded model's ``.double()``, ``.to``).
+_LITERALS = (int, float, bool, str, type(None))
+
 
 def fold(model: nn.Module, example_input: Any, *, cost: str = "macs", verify: bool = True, rtol: float = 1e-5) -> fx.GraphModule:
     """Merges the linear layers that linearization left next to each other, exactly.
 
     The model runs in eval mode, so this is for inference (BatchNorm uses its running
-    statistics). Steps, repeated until nothing changes:
+    statistics). The model is traced down to torch.nn layers: other modules are traced through,
+    except subclasses of BatchNorm, convs and Linear that keep torch's ``forward`` (they are
+    those layers). First:
+
+    - values fixed once the model is are computed once, in eval, into buffers: expressions of
+      parameters and buffers only (a weight standardised in ``forward``, ``gamma.view(...)``,
+      an attention bias gathered by index). A tensor's rank read in ``forward`` (``x.ndim``,
+      ``x.dim()``) is taken from ``example_input``, and asserts that then hold go.
+    - functional ``conv1d/2d/3d``, ``linear`` and ``batch_norm`` (running statistics, not
+      training) calls with such fixed weights become their torch.nn modules, so a BatchNorm
+      subclass whose ``forward`` calls ``F.batch_norm`` (timm's ``BatchNormAct2d``, its
+      activation then a separate op) and weight-standardised convs fold like the torch layers.
+
+    Then, repeated until nothing changes:
 
     - sites: linearized ones are removed (or, with a per-neuron multiplier, folded into the conv
       or linear before or after them); the others become their torch.nn modules. Dropout and
       Identity are removed.
-    - BatchNorm folds into the conv or linear before it (its own eps).
+    - BatchNorm folds into the conv or linear before it (its own eps). A warning names the
+      BatchNorms left (each with why; also in ``fold_log``).
+    - ``layer(x) * s`` and ``layer(x * s)`` with a per-channel buffer or parameter ``s``
+      (LayerScale) become one layer.
     - chains of convs (or linears) with nothing between them are cut into runs, each merged into
       one layer, choosing the runs with the least cost (``cost``). Runs whose inner convs pad
       their input are not merged, since that is not exact: :func:`easier_ext.linearize` moves
@@ -84,8 +122,8 @@ def fold(model: nn.Module, example_input: Any, *, cost: str = "macs", verify: bo
 
     Returns:
         a ``torch.fx.GraphModule`` of standard torch layers in eval mode (no easier_ext module
-        left; ``torch.save`` of it loads without easier_ext), with ``fold_log`` (what was merged
-        or dropped).
+        left; ``torch.save`` of it loads without easier_ext), with ``fold_log`` (what was merged,
+        dropped, computed once or left).
 
     Raises:
         ValueError: (``verify``) the model's outputs on ``example_input`` are not all finite, so
@@ -97,7 +135,7 @@ def fold(model: nn.Module, example_input: Any, *, cost: str = "macs", verify: bo
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     # Before folding: NaN/inf outputs would fail the check below, as if folding had changed them.
     expected = _finite_outputs(model, args) if verify else None
-    gm = trace_model(bake_pruning(copy.deepcopy(model)).eval())
+    gm = _trace(bake_pruning(copy.deepcopy(model)).eval())
     folder = _Folder(gm, args, cost)
     folder.run()
     gm.fold_log = folder.log
@@ -108,25 +146,107 @@ def fold(model: nn.Module, example_input: Any, *, cost: str = "macs", verify: bo
     return gm
 
 
+class _LayerTracer(FoldTracer):
+    """:class:`FoldTracer`, and subclasses of BatchNorm, convs and Linear that keep torch's
+    ``forward`` are leaves: they compute what the torch layer does (and BatchNorm's forward
+    branches on the input's rank, so it cannot be traced through)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _keeps_torch_forward(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _keeps_torch_forward(m: nn.Module) -> bool:
+    if not isinstance(m, (_BatchNorm, _ConvNd, nn.Linear)):
+        return False
+    # a conv's forward calls _conv_forward, which some subclasses replace
+    methods = [getattr(type(m), name, None) for name in ("forward", "_conv_forward")]
+    return all(f is None or str(getattr(f, "__module__", "")).startswith("torch.nn.") for f in methods)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """The whole model as a GraphModule of torch.nn layers and easier_ext sites."""
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception as e:  # fx raises many types: TraceError, TypeError, NameError, ...
+        raise RuntimeError(
+            f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); "
+            "folding needs a model whose forward has no data-dependent control flow"
+        ) from e
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def planning_graph(model: nn.Module) -> fx.Graph:
+    """The model's graph as :func:`fold` traces it (in eval mode, whatever the model's), for
+    planning merges without running it: the ``torch._assert`` calls (rank checks, as in timm's
+    ``BatchNormAct2d``) are left out, so that they do not count as readers of the tensors they
+    check.
+
+    Args:
+        model: any model torch.fx can trace.
+
+    Returns:
+        the graph (its call_module targets name submodules of ``model``).
+
+    Raises:
+        Exception: what torch.fx raises when it cannot trace the model.
+    """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        graph = _LayerTracer().trace(model.eval())
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    for node in reversed(graph.nodes):  # users come after: what only an assert read goes too
+        dead = not node.users and node.op in ("call_function", "call_method") and not _in_place(node, None)
+        if (dead and not node.is_impure()) or (node.op == "call_function" and node.target is torch._assert):
+            graph.erase_node(node)
+    return graph
+
+
+def is_batch_norm_in_eval(node: fx.Node) -> bool:
+    """Whether a node is a functional ``batch_norm`` call with running statistics (attributes),
+    not training: a per-channel affine map, which fold turns into a BatchNorm module and folds.
+
+    Args:
+        node: any node.
+
+    Returns:
+        whether it is such a call.
+    """
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return False
+    bound = _bind(node, _BATCH_NORM_PARAMS, _BATCH_NORM_DEFAULTS)
+    if bound is None or bound["training"] is not False:
+        return False
+    stats = (bound["running_mean"], bound["running_var"])
+    return all(isinstance(n, fx.Node) and n.op == "get_attr" for n in stats)
+
+
 class _Folder:
     def __init__(self, gm: fx.GraphModule, args: tuple, cost: str) -> None:
         self.gm, self.graph, self.args, self.cost = gm, gm.graph, args, cost
         self.log: list[str] = []
         self.buffers: list[str] = []  # registered by the passes: the unused ones go at the end
+        self.origins: dict[str, str] = {}  # buffers computed once: the module they come from
         self._warned: set = set()
 
     # -- driver ----------------------------------------------------------------------------
     def run(self) -> None:
+        # The one forward: the passes keep node.meta current instead (a folded layer's output keeps
+        # its shape, a merged run's first node takes its last's, a new node gets its own).
+        self._propagate_shapes()
+        self._compute_static()
+        self._functional_layers()
         self._replace_sites()
         self._drop_identities()
         passes = (self._fold_batchnorms, self._fold_constants, self._fold_scales, self._merge_chains, self._merge_sums)
         changed = True
         while changed:
             changed = False
-            for fold_pass in passes:  # shapes are read by the passes: refresh them after each
-                self._propagate_shapes()
+            for fold_pass in passes:
                 changed |= fold_pass()
         self.graph.eliminate_dead_code()
+        self._report_unfolded_batchnorms()
         self.graph.lint()
         self.gm.delete_all_unused_submodules()
         used = {n.target for n in self.graph.nodes if n.op == "get_attr"}
@@ -153,6 +273,157 @@ class _Folder:
         node.replace_all_uses_with(replacement)
         self.graph.erase_node(node)
 
+    def _attr(self, node: fx.Node) -> Any:
+        """The value a get_attr node reads (its target may be nested: ``stages.3.ls1.gamma``)."""
+        return operator.attrgetter(node.target)(self.gm)
+
+    def _add_buffer(self, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+        """Registers ``value`` as a new top-level buffer (named ``name``, made unique) and reads it
+        in a get_attr node before ``before``, with its meta."""
+        while hasattr(self.gm, name):
+            name += "_"
+        self.gm.register_buffer(name, value)
+        self.buffers.append(name)
+        with self.graph.inserting_before(before):
+            attr = self.graph.get_attr(name)
+        attr.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        return attr
+
+    def _compute_static(self) -> None:
+        """Computes once what is fixed once the model is (see :func:`fold`): the nodes whose inputs
+        are all parameters, buffers or such nodes, and the ranks of tensors. Those read by other
+        nodes become buffers (or Python values), the rest go as dead code; ``torch._assert`` calls
+        that hold go."""
+        written = _written_attributes(self.graph, self._module)
+        values: dict[fx.Node, Any] = {}
+        sources: dict[fx.Node, tuple[str, ...]] = {}  # the attributes each value is computed from
+        for node in list(self.graph.nodes):
+            if node.op == "get_attr":
+                if node not in written:  # an attribute written in forward is not fixed
+                    values[node], sources[node] = self._attr(node), (node.target,)
+                continue
+            rank = _rank_read(node)
+            if rank is not None:
+                values[node], sources[node] = rank, ()
+                continue
+            inputs = node.all_input_nodes
+            if not inputs or not all(n in values for n in inputs) or not _is_static_op(node):
+                continue
+            try:
+                with torch.no_grad():
+                    value = _evaluate(node, values)
+            except Exception:  # then it stays computed, as it was
+                continue
+            if node.op == "call_function" and node.target is torch._assert:
+                self.graph.erase_node(node)  # it held
+                continue
+            values[node] = value
+            sources[node] = tuple(dict.fromkeys(s for n in inputs for s in sources[n]))
+        for node, value in values.items():
+            if node.op == "get_attr" or all(u in values for u in node.users):
+                continue
+            if isinstance(value, torch.Tensor):
+                origin = sources[node][0].replace(".", "_") + "_" if sources[node] else ""
+                attr = self._add_buffer(origin + node.name, value.detach().clone(), before=node)
+                self.origins[attr.target] = sources[node][0].rpartition(".")[0] if sources[node] else ""
+                node.replace_all_uses_with(attr)
+                self.log.append(f"{attr.target}: computed once from {', '.join(sources[node])}")
+            elif _is_literal(value):
+                for user in list(node.users):
+                    user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
+                    user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+        self.graph.eliminate_dead_code()
+
+    def _functional_layers(self) -> None:
+        """Functional conv, linear and batch_norm calls whose weights (and statistics) are fixed
+        become their torch.nn modules, which the passes fold."""
+        for node in list(self.graph.nodes):
+            if node.op != "call_function":
+                continue
+            try:
+                made = self._layer_of_call(node)
+            except (TypeError, ValueError, RuntimeError):  # a call no module reproduces
+                made = None
+            if made is None:
+                continue
+            module, attrs, x = made
+            name = self._name_module(node, attrs, module)
+            with self.graph.inserting_before(node):
+                new = self.graph.call_module(name, (x,))
+            new.meta = dict(node.meta)
+            self._bypass(node, new)
+            for a in attrs:
+                if not a.users:
+                    self.graph.erase_node(a)
+
+    def _layer_of_call(self, node: fx.Node) -> Optional[tuple[nn.Module, list[fx.Node], fx.Node]]:
+        """The torch.nn module that computes a functional layer call, the get_attr nodes it takes
+        its tensors from (weight or running mean first) and the call's input; None when it is not
+        such a call or its tensors are not fixed."""
+        target = node.target
+        if target in _FUNCTIONAL_CONVS:
+            bound, names = _bind(node, _CONV_PARAMS, _CONV_DEFAULTS), ("weight", "bias")
+        elif target is F.linear:
+            bound, names = _bind(node, _LINEAR_PARAMS, {"bias": None}), ("weight", "bias")
+        elif target is F.batch_norm:
+            bound, names = _bind(node, _BATCH_NORM_PARAMS, _BATCH_NORM_DEFAULTS), ("running_mean", "running_var", "weight", "bias")
+            if bound is None or bound["training"] is not False:
+                return None  # batch statistics
+        else:
+            return None
+        if bound is None or not isinstance(bound["input"], fx.Node):
+            return None
+        tensors = {k: bound[k] for k in names if bound[k] is not None}
+        if any(not isinstance(n, fx.Node) or n.op != "get_attr" or not isinstance(self._attr(n), torch.Tensor) for n in tensors.values()):
+            return None  # computed from the input
+        if any(isinstance(v, fx.Node) for k, v in bound.items() if k not in names and k != "input"):
+            return None  # a stride, padding, eps... computed in forward
+        value = {k: self._attr(n).detach() for k, n in tensors.items()}
+        first = names[0]
+        if first not in value:
+            return None
+        w = value[first]
+        if target is F.batch_norm:
+            rank = len(_meta_shape(bound["input"]) or ())
+            if rank not in _BATCH_NORMS or "running_var" not in value:
+                return None
+            module = _BATCH_NORMS[rank](w.numel(), eps=bound["eps"], device=w.device, dtype=w.dtype)
+            state = {"running_mean": w, "running_var": value["running_var"]}
+            state["weight"] = value.get("weight", torch.ones_like(w))
+            state["bias"] = value.get("bias", torch.zeros_like(w))
+        elif target is F.linear:
+            module = nn.Linear(w.shape[1], w.shape[0], bias="bias" in value, device=w.device, dtype=w.dtype)
+            state = value
+        else:
+            conv, groups = _FUNCTIONAL_CONVS[target], bound["groups"]
+            module = conv(
+                w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=bound["stride"], padding=bound["padding"],
+                dilation=bound["dilation"], groups=groups, bias="bias" in value, device=w.device, dtype=w.dtype,
+            )  # fmt: skip
+            state = value
+        module.load_state_dict(state, strict=False)  # shapes checked; num_batches_tracked is not used in eval
+        return module.eval(), [tensors[first]] + [n for k, n in tensors.items() if k != first], bound["input"]
+
+    def _name_module(self, call: fx.Node, attrs: list[fx.Node], module: nn.Module) -> str:
+        """Registers a module made from a functional call: under the name of the module its
+        tensors come from when nothing but the call reads that module, else as a child of it
+        named after the call. Returns its name."""
+        owner = self.origins.get(attrs[0].target, attrs[0].target.rpartition(".")[0])
+        gone = {call} | {a for a in attrs if set(a.users) == {call}}
+        read = any(
+            n.op in ("get_attr", "call_module") and n not in gone and (n.target == owner or n.target.startswith(owner + "."))
+            for n in self.graph.nodes
+        )
+        if owner and not read:
+            self._set_module(owner, module)
+            return owner
+        parent = self.gm.get_submodule(owner) if owner else self.gm
+        name = call.target.__name__
+        while hasattr(parent, name):
+            name += "_"
+        parent.add_module(name, module)
+        return f"{owner}.{name}" if owner else name
+
     # -- passes ----------------------------------------------------------------------------
     def _replace_sites(self) -> None:
         for node in list(self.graph.nodes):
@@ -168,16 +439,13 @@ class _Folder:
 
     def _replace_with_mul(self, node: fx.Node, m: EntropyActivation) -> None:
         """A per-neuron multiplier as ``x * buffer``, the buffer shaped to broadcast."""
-        self._propagate_shapes()
         dims = len(node.args[0].meta["tensor_meta"].shape)
         shape = [1] * dims
         shape[m.channel_dim % dims] = -1
-        name = node.target.replace(".", "_") + "_scale"
-        self.gm.register_buffer(name, m.linear_scale.detach().reshape(shape).clone())
-        self.buffers.append(name)
+        buf = self._add_buffer(node.target.replace(".", "_") + "_scale", m.linear_scale.detach().reshape(shape).clone(), before=node)
         with self.graph.inserting_before(node):
-            buf = self.graph.get_attr(name)
             mul = self.graph.call_function(operator.mul, (node.args[0], buf))
+        mul.meta = dict(node.meta)
         self._bypass(node, mul)
         self.log.append(f"{node.target}: per-neuron multiplier")
 
@@ -190,23 +458,56 @@ class _Folder:
         changed = False
         for node in list(self.graph.nodes):
             bn = self._module(node)
-            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
+            if not isinstance(bn, _BatchNorm):
                 continue
-            prev = node.args[0]
-            if not isinstance(prev, fx.Node) or len(prev.users) != 1 or prev.op != "call_module" or self._uses(prev.target) != 1:
+            prev, layer = node.args[0], self._batchnorm_layer(node, bn)
+            if isinstance(layer, str):
                 continue
-            layer = self._module(prev)
-            if isinstance(layer, _ConvNd) and not layer.transposed:
-                fused = fuse_conv_bn_eval(layer, bn)
-            elif isinstance(layer, nn.Linear) and _channel_dim_is_last(prev):
-                fused = fuse_linear_bn_eval(layer, bn)
-            else:
-                continue
-            self._set_module(prev.target, fused)
+            self._set_module(prev.target, _fuse_batchnorm(layer, bn))
             self._bypass(node, prev)
             self.log.append(f"{node.target} folded into {prev.target}")
             changed = True
         return changed
+
+    def _batchnorm_layer(self, node: fx.Node, bn: _BatchNorm) -> Any:
+        """The conv or linear a BatchNorm node folds into, or why it does not (a str)."""
+        if not bn.track_running_stats:
+            return "it has no running statistics (it normalizes each batch by its own)"
+        prev = node.args[0] if node.args else None
+        layer = self._module(prev) if isinstance(prev, fx.Node) else None
+        if isinstance(layer, _ConvNd) and layer.transposed:
+            return f"its input comes from {prev.target}, a transposed conv, which fold does not fold into"
+        if not _is_layer(layer):
+            return f"its input comes from {_describe(prev, layer)}, not from a conv or linear"
+        if self._uses(prev.target) != 1:
+            return f"{prev.target} is called at several places"
+        others = [u for u in prev.users if u is not node and not _reads_metadata(u, prev)]  # shapes do not change
+        if others:
+            return f"{prev.target}'s output is also read by {', '.join(u.name for u in others)}"
+        if isinstance(layer, nn.Linear) and not _channel_dim_is_last(prev):
+            return f"it normalizes dim 1 of {prev.target}'s output, whose features are the last dim"
+        return layer
+
+    def _report_unfolded_batchnorms(self) -> None:
+        """Says which BatchNorms are left and why: in the log, and in one warning."""
+        reasons: dict[str, list[str]] = {}
+        for node in self.graph.nodes:
+            bn = self._module(node)
+            if isinstance(bn, _BatchNorm):
+                why, name = self._batchnorm_layer(node, bn), node.target
+            elif node.op == "call_function" and node.target is F.batch_norm:
+                why = "a functional batch_norm with batch statistics, or with weights computed in forward"
+                attrs = [n.target for n in node.all_input_nodes if n.op == "get_attr"]
+                name = f"{node.name} (of {attrs[0].rpartition('.')[0] or attrs[0]})" if attrs else node.name
+            else:
+                continue
+            if isinstance(why, str):
+                reasons.setdefault(why, []).append(name)
+                self.log.append(f"{name} left unfolded: {why}")
+        if reasons:
+            count = sum(len(names) for names in reasons.values())
+            lines = [f"{', '.join(names[:6])}{f' and {len(names) - 6} more' if len(names) > 6 else ''}: {why}" for why, names in reasons.items()]
+            warnings.warn(f"fold left {count} BatchNorm layer(s) unfolded (they stay, exact; all named in fold_log):\n  " + "\n  ".join(lines), stacklevel=4)
 
     def _fold_constants(self) -> bool:
         """Residual branches made constant by an emptied layer become the constant they add.
@@ -348,7 +649,7 @@ class _Folder:
     def _attr_tensor(self, node: fx.Node) -> Optional[torch.Tensor]:
         if node.op != "get_attr":
             return None
-        value = functools.reduce(getattr, node.target.split("."), self.gm)
+        value = self._attr(node)
         return value.detach() if isinstance(value, torch.Tensor) else None
 
     def _add_constant(self, node: fx.Node, constants: dict[fx.Node, _Constant]) -> bool:
@@ -380,14 +681,9 @@ class _Folder:
             self._bypass(node, other)
             self.log.append(f"{what} was zero, so {node.name} went")
             return True
-        name = node.name + "_constant"
-        while hasattr(self.gm, name):
-            name += "_"
         value = constant.value.reshape([1] * (len(shape) - constant.value.dim()) + list(constant.value.shape))
-        self.gm.register_buffer(name, value.to(node.meta["tensor_meta"].dtype))
-        self.buffers.append(name)
+        buffer = self._add_buffer(node.name + "_constant", value.to(node.meta["tensor_meta"].dtype), before=node)
         with self.graph.inserting_before(node):
-            buffer = self.graph.get_attr(name)
             if writes_constant:  # a buffer must not be written into, nor grow to the sum's shape
                 new = self.graph.call_function(operator.add, (other, buffer))
                 new.meta = dict(node.meta)
@@ -406,42 +702,65 @@ class _Folder:
         return all(order[u] < order[node] for u in other.users if u is not node)
 
     def _fold_scales(self) -> bool:
-        """``layer(x) * s`` and ``layer(x * s)`` with a per-channel constant s become one layer."""
+        """``layer(x) * s`` and ``layer(x * s)`` with a per-channel constant s (a buffer or a
+        parameter: a LayerScale's gamma) become one layer."""
         changed = False
         for node in list(self.graph.nodes):
-            scale = self._constant_scale(node)
-            if scale is None:
+            found = self._constant_scale(node)
+            if found is None:
                 continue
-            source = node.args[0]
+            source, scale = found
             before = self._module(source)
-            if _is_layer(before) and len(source.users) == 1 and self._uses(source.target) == 1 and self._scale_is_channelwise(node, scale, before, out=True):
-                self._set_module(source.target, _scale_outputs(before, scale.flatten()))
+            in_place = _in_place(node, None)
+            per_channel = self._channelwise(node, scale, before, out=True) if _is_layer(before) else None
+            if per_channel is not None and all(u is node or _reads_metadata(u, source) for u in source.users) and self._uses(source.target) == 1:
+                self._set_module(source.target, _scale_outputs(before, per_channel))
                 self._bypass(node, source)
                 changed = True
                 continue
-            if len(node.users) == 1:
+            if len(node.users) == 1 and not (in_place and len(source.users) != 1):  # others would see x * s
                 (user,) = node.users
                 after = self._module(user)
-                if _is_layer(after) and self._uses(user.target) == 1 and self._scale_is_channelwise(node, scale, after, out=False):
-                    self._set_module(user.target, _scale_inputs(after, scale.flatten()))
+                per_channel = self._channelwise(node, scale, after, out=False) if _is_layer(after) else None
+                if per_channel is not None and self._uses(user.target) == 1:
+                    self._set_module(user.target, _scale_inputs(after, per_channel))
                     self._bypass(node, source)
                     changed = True
         return changed
 
-    def _constant_scale(self, node: fx.Node) -> Optional[torch.Tensor]:
-        if node.op != "call_function" or node.target not in (operator.mul, torch.mul) or len(node.args) != 2:
+    def _constant_scale(self, node: fx.Node) -> Optional[tuple[fx.Node, torch.Tensor]]:
+        """``(x, s)`` for ``x * s``, ``s * x``, ``x.mul(s)`` or ``x *= s`` with s an attribute."""
+        if node.op == "call_function" and node.target in (operator.mul, torch.mul, operator.imul):
+            pass
+        elif node.op != "call_method" or node.target not in ("mul", "mul_"):
+            return None
+        if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
             return None
         x, s = node.args
-        if not (isinstance(x, fx.Node) and isinstance(s, fx.Node) and s.op == "get_attr"):
+        if s.op != "get_attr" and not _in_place(node, None):
+            x, s = s, x
+        if s.op != "get_attr" or x.op == "get_attr":
             return None
-        return getattr(self.gm, s.target)
+        value = self._attr_tensor(s)
+        return (x, value) if value is not None and value.is_floating_point() else None
 
-    def _scale_is_channelwise(self, node: fx.Node, scale: torch.Tensor, layer: nn.Module, out: bool) -> bool:
-        dims = len(node.meta["tensor_meta"].shape)
-        channels = (layer.out_features if out else layer.in_features) if isinstance(layer, nn.Linear) else (layer.out_channels if out else layer.in_channels)
-        want = [1] * dims
-        want[-1 if isinstance(layer, nn.Linear) else 1] = channels
-        return list(scale.shape) == want
+    def _channelwise(self, node: fx.Node, scale: torch.Tensor, layer: nn.Module, out: bool) -> Optional[torch.Tensor]:
+        """The scale as one factor per channel of ``layer``'s output (``out``) or input, when it
+        broadcasts to ``node``'s output along that dim only; else None."""
+        shape = _meta_shape(node)
+        if shape is None:
+            return None
+        dims = len(shape)
+        if isinstance(layer, nn.Linear):
+            channels, dim = (layer.out_features if out else layer.in_features), dims - 1
+        else:  # the channels come before the spatial dims, with or without a batch dim
+            channels, dim = (layer.out_channels if out else layer.in_channels), dims - len(layer.kernel_size) - 1
+        if scale.dim() > dims or dim < 0 or shape[dim] != channels:
+            return None
+        full = [1] * (dims - scale.dim()) + list(scale.shape)
+        if any(size != 1 for i, size in enumerate(full) if i != dim) or full[dim] not in (1, channels):
+            return None
+        return scale.flatten().expand(channels)
 
     def _merge_chains(self) -> bool:
         changed = False
@@ -473,6 +792,7 @@ class _Folder:
 
     def _bypass_chain(self, nodes: Sequence[fx.Node]) -> None:
         """nodes[0] now computes the whole run: the rest go, the run's users read nodes[0]."""
+        nodes[0].meta = dict(nodes[-1].meta)
         nodes[-1].replace_all_uses_with(nodes[0])
         for n in reversed(nodes[1:]):
             self.graph.erase_node(n)
@@ -577,6 +897,99 @@ def _in_place(node: fx.Node, module: Optional[nn.Module]) -> bool:
     return node.target in in_place_ops or node.kwargs.get("inplace") is True or any(a is True for a in node.args[1:])
 
 
+def _rank_read(node: fx.Node) -> Optional[int]:
+    """The rank of a tensor that ``x.ndim`` or ``x.dim()`` reads, from the node's meta."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] == "ndim":
+        x = node.args[0]
+    elif node.op == "call_method" and node.target in ("dim", "ndimension") and len(node.args) == 1 and not node.kwargs:
+        x = node.args[0]
+    else:
+        return None
+    shape = _meta_shape(x) if isinstance(x, fx.Node) else None
+    return None if shape is None else len(shape)
+
+
+def _reads_metadata(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` reads only ``node``'s shape, rank, dtype or device (which folding keeps)."""
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[0] is node and user.args[1] in ("shape", "ndim", "dtype", "device")
+    if user.op == "call_method" and user.target in ("size", "dim", "ndimension"):
+        return user.args[0] is node and node not in user.args[1:] and not user.kwargs
+    return False
+
+
+def _is_static_op(node: fx.Node) -> bool:
+    """Whether a call gives the same result on the same inputs, changing none of them (so it may
+    be computed once, ahead of time)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target is F.batch_norm:  # in training, it updates the running statistics it is given
+        bound = _bind(node, _BATCH_NORM_PARAMS, _BATCH_NORM_DEFAULTS)
+        return bound is not None and (bound["training"] is False or (bound["running_mean"] is None and bound["running_var"] is None))
+    name = (node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))).lower()
+    return not (_in_place(node, None) or name in _RANDOM_OPS or any(part in name for part in _NOT_STATIC_PARTS))
+
+
+def _written_attributes(graph: fx.Graph, module_of: Callable[[fx.Node], Optional[nn.Module]]) -> set[fx.Node]:
+    """The get_attr nodes whose tensors an in-place op writes into, directly or through views:
+    their values are not fixed."""
+    written = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or not node.args or not _in_place(node, module_of(node)):
+            continue
+        target = node.args[0]
+        while isinstance(target, fx.Node) and target.op != "get_attr" and _is_view(target) and target.args:
+            target = target.args[0]
+        if isinstance(target, fx.Node) and target.op == "get_attr":
+            written.add(target)
+    return written
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_function" and (node.target is operator.getitem or getattr(node.target, "__name__", None) in _VIEW_METHODS)
+
+
+def _evaluate(node: fx.Node, values: dict[fx.Node, Any]) -> Any:
+    args = fx.node.map_arg(node.args, values.__getitem__)
+    kwargs = fx.node.map_arg(node.kwargs, values.__getitem__)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _is_literal(value: Any) -> bool:
+    """Whether ``value`` may be written into a node's arguments as it is."""
+    if isinstance(value, (tuple, list)):
+        return all(_is_literal(v) for v in value)
+    return isinstance(value, _LITERALS)
+
+
+def _bind(node: fx.Node, params: Sequence[str], defaults: dict) -> Optional[dict[str, Any]]:
+    """A call's arguments by name, defaults filled in; None when they do not fit ``params``."""
+    if len(node.args) > len(params) or not set(node.kwargs) <= set(params):
+        return None
+    bound = dict(defaults)
+    bound.update(zip(params, node.args))
+    bound.update(node.kwargs)
+    return bound if set(params) <= set(bound) else None
+
+
+def _describe(node: Any, module: Optional[nn.Module]) -> str:
+    """Where a node's value comes from, for messages: ``the model's input``, ``pool (a
+    MaxPool2d)``, ``a call of cat``."""
+    if not isinstance(node, fx.Node):
+        return "a constant"
+    if node.op == "placeholder":
+        return "the model's input"
+    if module is not None:
+        return f"{node.target} ({type(module).__name__})"
+    if node.op == "call_function":
+        return f"a call of {getattr(node.target, '__name__', node.target)}"
+    return f"a call of .{node.target}()" if node.op == "call_method" else str(node.target)
+
+
 def _is_layer(m: Optional[nn.Module]) -> bool:
     return isinstance(m, nn.Linear) or (isinstance(m, _ConvNd) and not m.transposed)
 
@@ -585,6 +998,13 @@ def _channel_dim_is_last(node: fx.Node) -> bool:
     """BatchNorm1d normalizes dim 1; a Linear's features are the last dim: same only for 2-d."""
     meta = node.meta.get("tensor_meta")
     return meta is not None and len(meta.shape) == 2
+
+
+def _fuse_batchnorm(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
+    """The layer with ``bn`` folded in, computed in float64 and cast back (one rounding, as for
+    merges: the roundings of each step add up over a deep model)."""
+    fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
+    return fuse(copy.deepcopy(layer).double(), copy.deepcopy(bn).double()).to(layer.weight.dtype)
 
 
 def _scale_outputs(layer: nn.Module, s: torch.Tensor) -> nn.Module:

@@ -9,9 +9,9 @@ from typing import Iterable, Union
 import torch.fx as fx
 from torch import nn
 
-from easier_ext._tracing import FoldTracer
 from easier_ext.chains import find_chains, plan_segments
 from easier_ext.convert import site as find_site
+from easier_ext.fold import is_batch_norm_in_eval, planning_graph
 from easier_ext.modules import EntropyActivation
 
 __all__ = ["LINEARIZE_MODES", "linearize", "mergeable_layers", "move_padding"]
@@ -111,7 +111,7 @@ def mergeable_layers(model: nn.Module) -> int:
 def _runs_that_pay(model: nn.Module) -> list:
     """The runs of layers (with linearized sites, BatchNorm, dropout between) worth merging."""
     try:
-        graph = FoldTracer().trace(model)
+        graph = planning_graph(model)
     except Exception as e:  # fx raises many types
         warnings.warn(f"torch.fx could not trace {type(model).__name__} ({e}); cannot plan merges, so no padding is moved", stacklevel=3)
         return []
@@ -127,9 +127,12 @@ def _can_move(convs) -> bool:
 
 
 def _transparent(model: nn.Module):
-    """Between two convs of a chain: BatchNorm, linearized sites, dropout, identity."""
+    """Between two convs of a chain: BatchNorm (a module, or a functional call that fold turns
+    into one), linearized sites, dropout, identity."""
 
     def transparent(node: fx.Node) -> bool:
+        if is_batch_norm_in_eval(node):
+            return True
         if node.op != "call_module":
             return False
         m = model.get_submodule(node.target)

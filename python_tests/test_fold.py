@@ -1,6 +1,7 @@
 """linearize + fold: folded models equal the linearized ones, are shallower where it pays, and are
 made of standard torch layers."""
 
+import copy
 import operator
 import os
 import random
@@ -11,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -467,3 +469,323 @@ def test_swin_t_with_an_emptied_mlp_loses_it():
     linears = called_modules(folded, nn.Linear)
     assert "features.1.0.mlp.3" in linears and not {"features.1.1.mlp.0", "features.1.1.mlp.3"} & set(linears)
     assert "features.1.1.mlp.0 is empty: its branch became a constant added at add_3" in folded.fold_log
+
+
+# -- layers that are torch layers in other clothes: nested scales, BatchNorm subclasses, standardised convs
+
+
+def float64_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The unfolded model's output in float64: what fold must reproduce."""
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(x.double())
+
+
+def assert_equals_reference(model: nn.Module, folded: nn.Module, *inputs: torch.Tensor, rtol: float = 1e-6) -> None:
+    """The folded model, in float64 (its float32 weights: only their rounding differs) and as it
+    is, against the unfolded model in float64."""
+    for x in inputs:
+        expected = float64_reference(model, x)
+        assert relative_error(reference_forward(copy.deepcopy(folded).double(), x.double()), expected) <= rtol
+        assert relative_error(reference_forward(folded, x).double(), expected) <= 1e-5
+
+
+def functional_calls(gm, *targets) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
+
+
+def batchnorms_left(gm) -> int:
+    """BatchNorm modules called, and functional batch_norm calls, in a folded model's graph."""
+    return len(called_modules(gm, nn.modules.batchnorm._BatchNorm)) + len(functional_calls(gm, F.batch_norm))
+
+
+class LayerScale(nn.Module):
+    """timm's LayerScale and LayerScale2d: ``x * gamma``, the gamma a parameter of this module."""
+
+    def __init__(self, channels: int, form: str):
+        super().__init__()
+        self.gamma, self.form = nn.Parameter(torch.rand(channels) + 0.5), form
+
+    def forward(self, x):
+        if self.form == "conv":  # LayerScale2d
+            return x * self.gamma.view(1, -1, 1, 1)
+        if self.form == "in_place":
+            return x.mul_(self.gamma)
+        if self.form == "method":
+            return x.mul(self.gamma)
+        return self.gamma * x if self.form == "left" else x * self.gamma
+
+
+class ScaledBlock(nn.Module):
+    """x + ls(fc(x)), in (N, tokens, C) with a Linear, or in (N, C, H, W) with a 1x1 conv."""
+
+    def __init__(self, channels: int, form: str):
+        super().__init__()
+        self.fc = nn.Conv2d(channels, channels, 1) if form == "conv" else nn.Linear(channels, channels)
+        self.ls = LayerScale(channels, form)
+
+    def forward(self, x):
+        return x + self.ls(self.fc(x))
+
+
+class Stages(nn.Module):
+    def __init__(self, form: str):
+        super().__init__()
+        self.stages = nn.ModuleList([ScaledBlock(6, form), nn.Sequential(ScaledBlock(6, form), ScaledBlock(6, form))])
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+@pytest.mark.parametrize("form", ["right", "left", "method", "in_place", "conv"])
+def test_layer_scale_with_a_nested_gamma_folds_into_its_layer(form):
+    # fold used to look up stages.1.0.ls.gamma as one attribute name
+    torch.manual_seed(0)
+    model = Stages(form).eval()
+    x = torch.randn(2, 6, 5, 4) if form == "conv" else torch.randn(2, 5, 6)
+    folded = ee.fold(model, x)
+    assert_equals_reference(model, folded, x, torch.randn(3, 6, 2, 3) if form == "conv" else torch.randn(1, 7, 6))
+    muls = functional_calls(folded, operator.mul, operator.imul, torch.mul) + [n for n in folded.graph.nodes if n.op == "call_method"]
+    assert muls == []  # each gamma went into the layer before it
+    # conv: each x + conv(x) is one conv too, and the three then merge into one
+    assert len(called_modules(folded, (nn.Linear, nn.Conv2d))) == (1 if form == "conv" else 3)
+    assert not any("gamma" in name for name, _ in [*folded.named_parameters(), *folded.named_buffers()])
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d whose forward calls F.batch_norm itself, then dropout
+    and an activation (both modules of its own), after checking the input's rank."""
+
+    def __init__(self, channels: int, act: bool = True):
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), (nn.ReLU() if act else nn.Identity())
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+def batchnorm_act_net() -> nn.Module:
+    """expand 1x1 -> BNAct -> depthwise 3x3 -> BNAct -> project 1x1 -> BNAct (no activation)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(4, 12, 1, bias=False), BatchNormAct(12),
+        nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), BatchNormAct(12),
+        nn.Conv2d(12, 4, 1, bias=False), BatchNormAct(4, act=False),
+    )  # fmt: skip
+    return randomize_batchnorm(net, 7).eval()
+
+
+def test_batchnorm_subclass_calling_f_batch_norm_folds_and_keeps_its_activation():
+    model = batchnorm_act_net()
+    x = torch.randn(2, 4, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded = ee.fold(model, x)
+    assert_equals_reference(model, folded, x, torch.randn(1, 4, 9, 5))
+    assert batchnorms_left(folded) == 0
+    assert called_modules(folded, nn.Conv2d) == ["0", "2", "4"]
+    assert called_modules(folded, nn.ReLU) == ["1.act", "3.act"]  # after their (folded) convs, as they were
+    assert {"1.batch_norm folded into 0", "3.batch_norm folded into 2", "5.batch_norm folded into 4"} <= set(folded.fold_log)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_batchnorm_subclass_activations_are_sites_and_linearized_chains_merge(training):
+    model = ee.convert(batchnorm_act_net())
+    assert list(ee.sites(model)) == ["1.act", "3.act"]  # the activations inside the BatchNorms
+    model.train(training)  # as between finetuning epochs: the chain is planned as fold will see it, in eval
+    assert ee.linearize(model, ["1.act", "3.act"]) == ["2", "0"]  # the chain is seen through them: padding moved
+    assert model.training == training and model[1].training == training
+    model.eval()
+    x = torch.randn(2, 4, 6, 6)
+    folded = ee.fold(model, x)
+    assert_equals_reference(model, folded, x, torch.randn(1, 4, 5, 8))
+    assert batchnorms_left(folded) == 0
+    convs = [folded.get_submodule(t) for t in called_modules(folded, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(4, 4, (3, 3))]
+
+
+class StdConv(nn.Conv2d):
+    """timm's ScaledStdConv2d: the weight standardised per output channel in every forward."""
+
+    def __init__(self, cin: int, cout: int, k: int, **kwargs):
+        super().__init__(cin, cout, k, **kwargs)
+        self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+        self.scale = (cin * k * k) ** -0.5
+
+    def forward(self, x):
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, weight=(self.gain * self.scale).reshape(-1),
+            training=True, momentum=0.0, eps=1e-6,
+        ).reshape_as(self.weight)  # fmt: skip
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_weight_standardised_convs_become_convs_computed_once_and_fold():
+    torch.manual_seed(0)
+    net = nn.Sequential(StdConv(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), StdConv(8, 8, 1), nn.ReLU(), StdConv(8, 4, 1, bias=False))
+    model = ee.convert(randomize_batchnorm(net, 8).eval())
+    x = torch.randn(2, 3, 7, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded = ee.fold(model, x)
+    assert_equals_reference(model, folded, x, torch.randn(1, 3, 4, 4))
+    assert functional_calls(folded, F.conv2d, F.batch_norm) == [] and batchnorms_left(folded) == 0
+    assert called_modules(folded, nn.Conv2d) == ["0", "3", "5"]
+    assert all(type(m) is nn.Conv2d for m in folded.modules() if isinstance(m, nn.Conv2d))
+    assert "1 folded into 0" in folded.fold_log and any(line.endswith("computed once from 0.weight, 0.gain") for line in folded.fold_log)
+    # linearized, the standardised 1x1 convs around the site merge like any convs
+    ee.linearize(model, "4")
+    folded = ee.fold(model, x)
+    assert_equals_reference(model, folded, x)
+    assert [(m.in_channels, m.out_channels) for m in folded.modules() if isinstance(m, nn.Conv2d)] == [(3, 8), (8, 4)]
+
+
+def test_values_computed_once_follow_the_folded_models_dtype():
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.shift = nn.Conv2d(3, 4, 1), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):  # the dtype is read from a weight: it must not be frozen as float32
+            return self.conv(x.to(self.conv.weight.dtype)) + self.shift.view(1, -1, 1, 1)
+
+    torch.manual_seed(0)
+    model = Casting().eval()
+    x = torch.randn(2, 3, 4, 4)
+    folded = ee.fold(model, x)
+    assert_equals_reference(model, folded, x)  # runs the folded model in float64 too
+    assert [name for name, _ in folded.named_buffers()] == ["shift_view"]
+
+
+def test_batchnorm_subclass_keeping_torch_forward_folds():
+    # BatchNorm's own forward cannot be traced through (it branches on the input's rank)
+    class MyBatchNorm(nn.BatchNorm2d):
+        pass
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(nn.Sequential(MyConv(3, 5, 3), MyBatchNorm(5), nn.ReLU()), 9).eval()
+    x = torch.randn(2, 3, 6, 6)
+    folded = ee.fold(model, x)
+    assert_equals_reference(model, folded, x)
+    assert batchnorms_left(folded) == 0 and folded.fold_log == ["1 folded into 0"]
+
+
+def test_batchnorms_left_unfolded_are_named_with_why():
+    class PreActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool, self.norm = nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), BatchNormAct(4)
+            self.shared, self.norm2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.shared(self.norm(self.pool(self.conv(x))))
+            return self.norm2(y) + y
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(PreActivation(), 10).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="fold left 2 BatchNorm layer") as record:
+        folded = ee.fold(model, x)
+    message = str(record[0].message)
+    assert "norm.batch_norm: its input comes from pool (MaxPool2d), not from a conv or linear" in message
+    assert "norm2: shared's output is also read by add" in message
+    assert "norm2 left unfolded: shared's output is also read by add" in folded.fold_log
+    assert_equals_reference(model, folded, x)
+
+
+def test_batchnorm_folds_into_a_conv_whose_shape_is_also_read():
+    class Flattening(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            n, c, h, w = y.shape  # reads the conv's output, but only its shape
+            return self.bn(y).reshape(n, c * h * w)
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(Flattening(), 12).eval()
+    x = torch.randn(2, 3, 6, 6)
+    folded = ee.fold(model, x)
+    assert_equals_reference(model, folded, x, torch.randn(1, 3, 5, 7))
+    assert batchnorms_left(folded) == 0
+
+
+@pytest.mark.filterwarnings("ignore:not merging")
+def test_fold_runs_three_forwards_whatever_it_merges():
+    """The model's output in float64, the shapes once, the check in float64: each pass keeps the
+    shapes it changes current instead of running the model again."""
+    model, _ = linearized_model("mobilenet_v2", 0, fraction=1.0)
+    calls = []
+    model.classifier[1].register_forward_hook(lambda *_: calls.append(1))  # a layer every forward runs, kept
+    x = torch.randn(1, 3, 32, 32)
+    folded = ee.fold(model, x)
+    assert sum("merged" in line for line in folded.fold_log) >= 10  # several rounds of passes
+    assert len(calls) == 3
+    calls.clear()
+    ee.fold(model, x, verify=False)
+    assert len(calls) == 1
+
+
+@pytest.mark.filterwarnings("ignore:not merging")
+@pytest.mark.parametrize("case", ["merges", "constants", "masks"])
+def test_shapes_fold_keeps_are_those_of_the_folded_model(case):
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    if case == "merges":
+        model, _ = linearized_model("mobilenet_v2", 1, fraction=1.0)
+        x = torch.randn(1, 3, 16, 16)
+    elif case == "constants":
+        torch.manual_seed(0)
+        model = randomize_batchnorm(build_model("resnet18", num_classes=10, small_input=True), 4).eval()
+        empty(model.layer1[0].conv2)
+        x = torch.randn(1, 3, 16, 16)
+    else:
+        model = constant_site_model()
+        ee.measure_entropy(model, [torch.randn(4, 3, 8, 8)], progress=False)
+        ee.linearize(model, "2")
+        x = torch.randn(2, 3, 8, 8)
+    folded = ee.fold(model, x)
+    kept = {n.name: n.meta["tensor_meta"].shape for n in folded.graph.nodes if "tensor_meta" in n.meta}
+    ShapeProp(folded).propagate(x)
+    actual = {n.name: n.meta["tensor_meta"].shape for n in folded.graph.nodes if "tensor_meta" in n.meta}
+    assert kept == {name: actual[name] for name in kept} and len(kept) >= len(actual) - 1  # the output node has none
+
+
+TIMM_MODELS = {  # name: (input size, BatchNorms in the model)
+    "efficientnet_b0": (64, 49),  # BatchNormAct2d
+    "mobilenetv2_100": (64, 52),
+    "regnety_002": (64, 44),
+    "nf_resnet26": (64, 0),  # ScaledStdConv2d, no BatchNorm
+    "fastvit_t8": (64, 70),  # LayerScale with nested gammas; its BatchNorm identity branches stay
+    "efficientformer_l1": (224, 33),  # nested gammas; attention biases for 7x7 tokens
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM_MODELS))
+def test_timm_models_fold_exactly_with_their_batchnorms(name):
+    timm = pytest.importorskip("timm")
+    size, batchnorms = TIMM_MODELS[name]
+    torch.manual_seed(0)
+    model = randomize_batchnorm(timm.create_model(name, pretrained=False, num_classes=10), 11).eval()
+    with torch.no_grad():  # timm starts gammas at 1e-5, and some gains at zero: whole branches would vanish
+        for p_name, p in model.named_parameters():
+            if p_name.endswith("gamma") or (p_name.endswith("gain") and not p.any()):
+                p.copy_(torch.rand_like(p) + 0.5)
+    assert sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) == batchnorms
+    x = torch.randn(1, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fastvit's unfoldable BatchNorms are named in a warning
+        folded = ee.fold(model, x)
+    assert_equals_reference(model, folded, x, rtol=1e-5)  # fold's own check: deep models amplify the weights' rounding
+    assert functional_calls(folded, F.conv2d, F.linear) == []
+    left = [line for line in folded.fold_log if "left unfolded" in line]
+    assert batchnorms_left(folded) == len(left) == (24 if name == "fastvit_t8" else 0)
+    assert not any("is empty" in line for line in folded.fold_log)
