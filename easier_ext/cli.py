@@ -428,7 +428,7 @@ def _run(args) -> int:
         schedule.start_from(model)
         result = schedule.run()
         if is_main_process():
-            print(_summary_table(result, len(sites(schedule.model))))
+            print(_summary_table(result, len(sites(schedule.model)), len(example)))
             try:
                 from easier_ext.report import write_report
 
@@ -450,9 +450,10 @@ def _checkpoint_bytes(model: nn.Module) -> int:
     return 5 * sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
 
 
-def _summary_table(result, total_sites: int) -> str:
+def _summary_table(result, total_sites: int, images: int) -> str:
     """The run's outcome; every change is said one way round: before -> after, and how many times
-    smaller or faster the result is."""
+    smaller or faster the result is. Costs were measured on ``images`` images at once: MACs and
+    latency are given per batch of those, MACs also per image."""
     b, a = result.before, result.after
     rows = [
         ("dense top-1", f"{result.dense_accuracy:.2f} %"),
@@ -461,8 +462,11 @@ def _summary_table(result, total_sites: int) -> str:
         *([("sparsity", f"{100 * result.sparsity:.1f} % of the weights feeding sites")] if result.sparsity is not None else []),
         ("depth", f"{b.depth} -> {a.depth}"),
         ("params", f"{b.params / 1e6:.2f} M -> {a.params / 1e6:.2f} M ({b.params / max(a.params, 1):.2f}x fewer)"),
-        ("MACs", f"{b.macs / 1e6:.1f} M -> {a.macs / 1e6:.1f} M ({b.macs / max(a.macs, 1):.2f}x fewer)"),
-        ("latency", f"{b.latency_s * 1e3:.2f} ms -> {a.latency_s * 1e3:.2f} ms: {result.latency}" if result.latency else "not measured"),
+        ("MACs/image", f"{b.macs / images / 1e6:.1f} M -> {a.macs / images / 1e6:.1f} M ({b.macs / max(a.macs, 1):.2f}x fewer)"),
+        (f"latency ({images} images)",
+         f"{b.latency_s * 1e3:.2f} ms -> {a.latency_s * 1e3:.2f} ms: {result.latency}" if result.latency else "not measured"),
+        *([("not merged", f"{len(result.unmerged)} chain(s) that would pay: their convs pad inside (summary.json 'unmerged')")]
+          if result.unmerged else []),
         ("stopped", result.stopped or "-"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -65,10 +65,10 @@ class NEPENTHE(Schedule):
         allocation: one of :data:`easier_ext.pruning.ALLOCATIONS`: ``"guarded"`` (default) or
             ``"reference"`` (the paper's split; see above).
         layer_cap: ``"guarded"``: the largest fraction of a non-emptied site's remaining
-            weights one iteration prunes, in ``(0, 1]`` (0.1, measured on the digits: with 0.5
-            unstructured pruning of the layers on the only path cost more accuracy than the
-            branches removed, ResNet-18 2 sites and MobileNetV2 none within 1 point; with 0.1, 3
-            and 2, one epoch of finetuning per iteration).
+            weights one iteration prunes, in ``(0, 1]`` (0.1, measured on the digits with one
+            finetune epoch per iteration: with 0.5 unstructured pruning of the layers on the only
+            path cost more accuracy than the branches removed, ResNet-18 2 sites and MobileNetV2
+            none within 1 point; with 0.1, 3 and 2, see benchmarks/README.md).
         temperature: ``T > 0`` dividing the split's softmax logits (1 in the reference code;
             larger spreads the pruning over more sites).
         **options: the options every schedule takes (see :class:`easier_ext.schedule.Schedule`):

@@ -47,6 +47,8 @@ class ScheduleResult:
         latency: the dense and the returned model (both folded) timed in paired rounds
             (:func:`easier_ext.compare_latency`), which ``before.latency_s`` and
             ``after.latency_s`` come from; None when latency is not measured.
+        unmerged: why chains that would pay were left unmerged by the final fold (fold's
+            warnings, e.g. convs whose padding was not moved before the last finetune).
     """
 
     model: nn.Module
@@ -60,6 +62,7 @@ class ScheduleResult:
     stopped: str = ""
     sparsity: Optional[float] = None
     latency: Optional[LatencyComparison] = None
+    unmerged: list[str] = field(default_factory=list)
 
 
 class Schedule:
@@ -325,7 +328,14 @@ class Schedule:
     def _finish(self, trajectory: list[dict], best: tuple[dict, nn.Module], stopped: str) -> ScheduleResult:
         log, linearized = best
         linearized = self._deployable(linearized)
-        folded = fold(linearized, self.example_input)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            folded = fold(linearized, self.example_input)
+        # chains fold could not merge exactly go into the result; other warnings are passed on
+        unmerged = [str(w.message) for w in caught if str(w.message).startswith("not merging")]
+        for w in caught:
+            if not str(w.message).startswith("not merging"):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         dense = fold(self._dense_model(), self.example_input)
         before, after = cost(dense, self.example_input, latency=False), cost(folded, self.example_input, latency=False)
         timed = compare_latency(dense, folded, self.example_input) if self.latency else None
@@ -334,7 +344,7 @@ class Schedule:
         removed = [n for entry in trajectory[1 : log["iteration"] + 1] for n in entry["removed"]]
         result = ScheduleResult(
             folded, linearized, removed, trajectory[0]["val_accuracy"], log["val_accuracy"], before, after, trajectory, stopped,
-            log.get("sparsity"), timed,
+            log.get("sparsity"), timed, unmerged,
         )
         if self.run_dir is not None:
             self.run_dir.save_model("final_folded.pt", folded)
@@ -363,4 +373,6 @@ def summary(result: ScheduleResult) -> dict:
         out["sparsity"] = result.sparsity
     if result.latency is not None:
         out["latency"] = result.latency.as_dict()
+    if result.unmerged:
+        out["unmerged"] = result.unmerged
     return out

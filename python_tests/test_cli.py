@@ -62,7 +62,10 @@ def test_run_writes_a_complete_run_directory(model_file, tmp_path, capsys):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "(2, 10)", done.stderr
     # the summary says each change one way round (before -> after), once
-    assert "after/before" not in out and out.count("x fewer") == 2 and re.search(r"latency +not measured", out)
+    assert "after/before" not in out and out.count("x fewer") == 2 and re.search(r"latency \(2 images\) +not measured", out)
+    # MACs per image: half of what the summary.json's costs of the 2-image example input say
+    macs = re.search(r"MACs/image +([0-9.]+) M -> ([0-9.]+) M", out)
+    assert macs and float(macs.group(1)) == pytest.approx(summary["before"]["macs"] / 2 / 1e6, abs=0.05)
     # the same command on the same directory is refused; --resume continues (nothing left to do here)
     assert main(run_args(model_file, run_dir)) == 2
     assert "already holds" in capsys.readouterr().err

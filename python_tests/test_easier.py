@@ -3,6 +3,7 @@ result, refusals, and the CLI end to end on a tiny model."""
 
 import functools
 import json
+import warnings
 
 import pytest
 import torch
@@ -245,3 +246,21 @@ def test_ddp_two_ranks_choose_the_same_sites_as_one_process(tmp_path):
     single = _easier_sites_chosen(16)
     assert [removed for removed, _ in ranks[0]] == [removed for removed, _ in single]
     assert [acc for _, acc in ranks[0]] == [acc for _, acc in single]
+
+
+def test_chains_the_final_fold_leaves_unmerged_are_in_the_result_not_warnings(tmp_path, monkeypatch):
+    real = schedule_module.fold
+    calls = {"n": 0}
+
+    def fold_that_warns(model, x, **kwargs):
+        calls["n"] += 1
+        warnings.warn("not merging 0 -> 3: it would pay, but its inner convs pad their input")
+        warnings.warn("something else")
+        return real(model, x, **kwargs)
+
+    monkeypatch.setattr(schedule_module, "fold", fold_that_warns)
+    with pytest.warns(UserWarning, match="something else"):
+        result = schedule(max_iterations=1, run_dir=tmp_path).run()
+    # each iteration's log folds quietly; the final fold's chain goes into the result and summary
+    assert result.unmerged == ["not merging 0 -> 3: it would pay, but its inner convs pad their input"]
+    assert json.loads((tmp_path / "summary.json").read_text())["unmerged"] == result.unmerged
