@@ -531,3 +531,18 @@ def test_timm_models_convert_from_the_whole_model_trace(name):
     with torch.no_grad():
         assert torch.equal(converted(x), model(x))
     assert all(s.observations > 0 for s in ee.sites(converted).values())
+
+
+def test_activations_without_a_site_are_named_not_passed_over_silently():
+    # MobileNetV3-style: ReLUs become sites, Hardswish/Hardsigmoid have none yet
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.Hardswish(), nn.Conv2d(4, 4, 1), nn.Hardswish(),
+                          nn.Hardsigmoid())
+    with pytest.warns(UserWarning, match=r"convert passed over 2 Hardswish modules \(3, 5\) and 1 Hardsigmoid module \(6\), "
+                                         r"which easier_ext has no site for"):
+        converted = ee.convert(model)
+    assert list(ee.sites(converted)) == ["1"]
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(converted(x), model(x))
+    # no site at all (LeViT-style): the error says what was found
+    with pytest.raises(ValueError, match=r"nothing to convert \(1 ELU module \(1\), which easier_ext has no site for\)"):
+        ee.convert(nn.Sequential(nn.Linear(3, 3), nn.ELU()))
