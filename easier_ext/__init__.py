@@ -4,7 +4,8 @@ Fused C++/CUDA kernels apply a rectifier and count each neuron's ON states in th
 (:func:`easier_ext.ops.rectify_count`); drop-in modules (:class:`EntropyReLU` and relatives) keep
 the counts; :func:`binary_entropy` and :func:`layer_entropy` turn counts into entropies.
 :func:`convert`, :func:`measure_entropy`, :func:`linearize` and :func:`fold` do the model
-surgery; :class:`EASIER` and :class:`NEPENTHE` run the whole schedules; ``easier-ext`` is its command line.
+surgery; :func:`export_onnx` and :func:`export_program` write the result for deployment;
+:class:`EASIER` and :class:`NEPENTHE` run the whole schedules; ``easier-ext`` is its command line.
 """
 
 from easier_ext._extension import build_info
@@ -15,6 +16,7 @@ from easier_ext.convert import UntraceableSiteError, convert, site, sites
 from easier_ext.linearize import LINEARIZE_MODES, linearize, move_padding
 from easier_ext.fold import FOLD_COSTS, fold
 from easier_ext.costs import Cost, LatencyComparison, compare, compare_latency, cost
+from easier_ext.export import export_onnx, export_program
 from easier_ext.models import build_model
 from easier_ext.train import NonFiniteLossError, Recipe, evaluate, finetune
 from easier_ext.schedule import ScheduleResult
@@ -55,6 +57,8 @@ __all__ = [
     "EntropySiLU",
     "ESTIMATORS",
     "evaluate",
+    "export_onnx",
+    "export_program",
     "finetune",
     "fold",
     "FOLD_COSTS",

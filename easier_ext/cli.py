@@ -1,7 +1,9 @@
 """``easier-ext``: the EASIER and NEPENTHE schedules and their parts from the command line.
 
 Subcommands: ``run`` (the whole job, ``--method easier|nepenthe``), ``measure`` (site entropies of
-a model), ``fold`` (merge a linearized checkpoint), ``report`` (Markdown summary and plots of a run directory).
+a model), ``fold`` (merge a linearized checkpoint), ``export`` (a run's folded model, or a model
+file, to ONNX and/or ``torch.export``'s ``.pt2``, checked against PyTorch), ``report`` (Markdown
+summary and plots of a run directory).
 """
 
 from __future__ import annotations
@@ -168,7 +170,25 @@ def _parser() -> argparse.ArgumentParser:
     fold.add_argument("--input-shape", type=int, nargs="+", default=[1, 3, 32, 32], help="example input shape")
     fold.add_argument("--cost", choices=["macs", "latency"], default="macs", help="what decides whether a merge pays")
     fold.add_argument("--output", type=Path, default=None, help="where to save the folded model (default: next to the checkpoint)")
+    fold.add_argument("--backend", choices=["eager", "onnxruntime"], default="eager",
+                      help="what times the latency: PyTorch eager, or ONNX Runtime on CPU (needs easier_ext[onnx])")
     fold.set_defaults(handler=_fold)
+
+    export = sub.add_parser("export", help="export a run's folded model (or a model file) to ONNX and/or a torch.export .pt2",
+                            formatter_class=_HelpFormatter, parents=[debug])
+    export.add_argument("source", type=Path,
+                        help="a run directory (its final_folded.pt, at the run's image size) or a model file (a folded model, "
+                             "a run's checkpoint)")
+    export.add_argument("--onnx", type=Path, default=None, metavar="FILE",
+                        help="write an ONNX file, checked in ONNX Runtime (needs: pip install easier_ext[onnx])")
+    export.add_argument("--pt2", type=Path, default=None, metavar="FILE",
+                        help="write a torch.export program (load it with torch.export.load(FILE).module())")
+    export.add_argument("--input-shape", type=int, nargs="+", default=None,
+                        help="example input shape, batch first (default: 1 3 S S for a run directory of image size S, "
+                             "else 1 3 32 32)")
+    export.add_argument("--static-batch", action="store_true",
+                        help="fix the batch size to the example's (default: any batch size)")
+    export.set_defaults(handler=_export)
 
     report = sub.add_parser("report", help="render report.md and plots for a run directory", parents=[debug])
     report.add_argument("run_dir", type=Path)
@@ -499,34 +519,98 @@ def _fold(args) -> int:
     from easier_ext.fold import fold
     from easier_ext.rundir import atomic_write
 
-    if not args.checkpoint.exists():
-        raise FileNotFoundError(f"{args.checkpoint} does not exist")
-    if any(n < 1 for n in args.input_shape):
-        raise ValueError(f"--input-shape must be positive sizes, got {args.input_shape}")
-    try:
-        loaded = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    except ModuleNotFoundError as e:
-        raise ValueError(f"{args.checkpoint} holds classes of the module {e.name!r}, which is not importable here; run from the "
-                         f"folder of {e.name}.py (the --model FILE.py of the run) or add that folder to PYTHONPATH") from e
-    except Exception as e:
-        raise ValueError(f"{args.checkpoint} is not a file torch.load can read ({type(e).__name__}); expected a run's "
-                         "checkpoints/NNN.pt or final_linearized.pt") from e
-    model = loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{args.checkpoint} holds a {type(model).__name__}, not a model or a run checkpoint")
-    x = torch.randn(*args.input_shape)
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    except Exception as e:
-        raise ValueError(f"the model cannot run on --input-shape {' '.join(map(str, args.input_shape))} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass the shape of its input, batch first") from e
+    if args.backend == "onnxruntime":
+        from easier_ext.export import ONNX_REQUIREMENTS, _require
+
+        _require(*ONNX_REQUIREMENTS)  # before any work
+    _check_shape(args.input_shape)
+    model = _load_model(args.checkpoint, "a run's checkpoints/NNN.pt or final_linearized.pt")
+    x = _example_input(model, args.input_shape)
     folded = fold(model, x, cost=args.cost)
     out = args.output or args.checkpoint.with_name(args.checkpoint.stem + "_folded.pt")
     atomic_write(out, lambda f: torch.save(folded, f))
     print(compare(cost(model, x, latency=False), cost(folded, x, latency=False)))
-    print(f"latency: {compare_latency(model, folded, x)}")
+    backend = " (ONNX Runtime)" if args.backend == "onnxruntime" else ""
+    print(f"latency{backend}: {compare_latency(model, folded, x, backend=args.backend)}")
     print(f"folded model: {out} (torch.load(path, weights_only=False), without easier_ext)")
+    return 0
+
+
+def _load_model(path: Path, expected: str) -> nn.Module:
+    """The model a file holds (a pickled model, or a run checkpoint's ``"model"``), with one-line
+    errors for a file that is missing, unreadable or holds something else."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected {expected}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"{path} holds classes of the module {e.name!r}, which is not importable here; run from the "
+                         f"folder of {e.name}.py (the --model FILE.py of the run) or add that folder to PYTHONPATH") from e
+    except Exception as e:
+        raise ValueError(f"{path} is not a file torch.load can read ({type(e).__name__}); expected {expected}") from e
+    model = loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{path} holds a {type(model).__name__}, not a model or a run checkpoint")
+    return model
+
+
+def _check_shape(shape: Optional[Sequence[int]]) -> None:
+    if shape is not None and any(n < 1 for n in shape):
+        raise ValueError(f"--input-shape must be positive sizes, got {list(shape)}")
+
+
+def _example_input(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+    """A random input of ``shape`` (--input-shape), after checking that the model runs on it."""
+    _check_shape(shape)
+    x = torch.randn(*shape)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as e:
+        raise ValueError(f"the model cannot run on --input-shape {' '.join(map(str, shape))} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass the shape of its input, batch first") from e
+    return x
+
+
+def _export(args) -> int:
+    import json
+
+    from easier_ext.export import ONNX_REQUIREMENTS, _require, export_onnx, export_program
+
+    if args.onnx is None and args.pt2 is None:
+        raise ValueError("say what to write: --onnx FILE, --pt2 FILE, or both")
+    if args.onnx is not None:
+        _require(*ONNX_REQUIREMENTS)  # before any work
+    shape = args.input_shape
+    _check_shape(shape)
+    if not args.source.exists():
+        raise FileNotFoundError(f"{args.source} does not exist")
+    if args.source.is_dir():
+        config_path, path = args.source / "config.json", args.source / "final_folded.pt"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{args.source} is not a run directory: it has no config.json")
+        if not path.is_file():
+            raise FileNotFoundError(f"{args.source} has no final_folded.pt: the run has not finished (continue it with "
+                                    "easier-ext run --resume), or export a checkpoint file instead")
+        if shape is None:
+            try:
+                size = json.loads(config_path.read_text()).get("image_size")
+            except (ValueError, AttributeError) as e:
+                raise ValueError(f"{config_path} is not a run's configuration (a JSON object); pass --input-shape") from e
+            if not isinstance(size, int):
+                raise ValueError(f"{config_path} gives no image size; pass --input-shape")
+            shape = [1, 3, size, size]
+    else:
+        path = args.source
+    model = _load_model(path, "a run directory, a run's final_folded.pt or a checkpoint")
+    x = _example_input(model, shape if shape is not None else [1, 3, 32, 32])
+    common = dict(dynamic_batch=not args.static_batch)
+    if args.onnx is not None:
+        print(f"ONNX: {export_onnx(model, x, args.onnx, **common)}")
+    if args.pt2 is not None:
+        print(f"torch.export: {export_program(model, x, args.pt2, **common)}")
     return 0
 
 

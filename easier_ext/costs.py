@@ -20,7 +20,7 @@ import re
 import statistics
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from easier_ext.modules import EntropyActivation
 
-__all__ = ["Cost", "LatencyComparison", "compare", "compare_latency", "cost"]
+__all__ = ["BACKENDS", "Cost", "LatencyComparison", "compare", "compare_latency", "cost"]
+
+#: what a latency can be timed in: ``"eager"`` (the PyTorch model as it is) or ``"onnxruntime"``
+#: (the model exported to ONNX, run by an ONNX Runtime CPU session; needs ``easier_ext[onnx]``)
+BACKENDS = ("eager", "onnxruntime")
 
 aten = torch.ops.aten
 
@@ -168,8 +172,9 @@ class Cost:
             normalizations and activations are not counted).
         depth: the longest chain of conv / linear / matmul layers on any path from the input to
             the output (scaled dot-product attention counts as its two matmuls).
-        latency_s: seconds of one forward on the example input's device (the fastest of several
-            timed blocks, robust to other load on the machine), or ``None`` when not measured.
+        latency_s: seconds of one forward (the fastest of several timed blocks, robust to other
+            load on the machine) in the backend :func:`cost` was given, or ``None`` when not
+            measured.
     """
 
     params: int
@@ -199,6 +204,7 @@ def cost(
     latency: bool = True,
     threads: int | None = None,
     min_run_time: float = 0.5,
+    backend: str = "eager",
 ) -> Cost:
     """Measures what ``model`` costs on ``example_input``.
 
@@ -218,6 +224,10 @@ def cost(
             is timed on the example input's device (on CUDA, the timer synchronizes).
         min_run_time: seconds to spend timing, at least (see
             ``torch.utils.benchmark.Timer.blocked_autorange``).
+        backend: what the latency times (params, MACs and depth are the PyTorch model's either
+            way): ``"eager"``, the model's forward; ``"onnxruntime"``, the model exported to ONNX
+            once at the example's shapes (checked against PyTorch) and run by an ONNX Runtime
+            session on CPU with ``threads`` intra-op threads, the latency a deployment sees.
 
     Returns:
         :class:`Cost`.
@@ -225,9 +235,14 @@ def cost(
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``example_input`` is not a tensor or a
             tuple holding a tensor.
-        ValueError: ``threads`` or ``min_run_time`` is not positive, or the model has parameters
-            that are not initialized yet (lazy modules).
+        ValueError: ``threads`` or ``min_run_time`` is not positive, ``backend`` is not one of
+            :data:`BACKENDS`, or the model has parameters that are not initialized yet (lazy
+            modules).
         RuntimeError: the model cannot be traced with ``make_fx``.
+        easier_ext.export.MissingDependencyError: ``backend="onnxruntime"`` without onnx,
+            onnxscript or onnxruntime installed.
+        easier_ext.export.ExportError: ``backend="onnxruntime"`` and the model cannot be
+            exported to ONNX, or its ONNX outputs differ from PyTorch's.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -236,12 +251,16 @@ def cost(
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     if not min_run_time > 0:
         raise ValueError(f"min_run_time must be positive, got {min_run_time!r}")
+    _check_backend(backend)
 
     with _measuring(model), torch.no_grad():
         params = _count_params(model)
         macs = _count_macs(model, args)
         depth = _longest_chain(_trace(model, args).graph)
-        latency_s = _best_latency(model, args, threads or torch.get_num_threads(), min_run_time) if latency else None
+        latency_s = None
+        if latency:
+            threads = threads or torch.get_num_threads()
+            latency_s = _best_latency(_forward(model, args, backend, threads), threads, min_run_time)
     return Cost(params=params, macs=macs, depth=depth, latency_s=latency_s)
 
 
@@ -280,7 +299,7 @@ class LatencyComparison:
 
 
 def compare_latency(before: nn.Module, after: nn.Module, example_input: Any, *, rounds: int = 30,
-                    threads: int | None = None) -> LatencyComparison:
+                    threads: int | None = None, backend: str = "eager") -> LatencyComparison:
     """Times two models' forwards against each other: each round runs one forward of each, in a
     random order, so that both see the same machine (other load, caches, the allocator's state) and
     slow drifts of the load cancel out in the per-round ratio, where two separate timings can each
@@ -292,36 +311,42 @@ def compare_latency(before: nn.Module, after: nn.Module, example_input: Any, *, 
         example_input: a tensor, or a tuple of the models' positional arguments.
         rounds: the rounds to time (after one warm-up forward of each), at least 4.
         threads: CPU threads; ``None`` keeps ``torch.get_num_threads()``.
+        backend: what runs each forward: ``"eager"`` or ``"onnxruntime"`` (each model exported
+            to ONNX once, before the rounds, as in :func:`cost`).
 
     Returns:
         :class:`LatencyComparison`.
 
     Raises:
-        ValueError: ``rounds`` below 4 or ``threads`` not positive.
+        ValueError: ``rounds`` below 4, ``threads`` not positive, or ``backend`` not one of
+            :data:`BACKENDS`.
+        easier_ext.export.MissingDependencyError, easier_ext.export.ExportError: as :func:`cost`
+            with ``backend="onnxruntime"``.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 4:
         raise ValueError(f"rounds must be an int >= 4 (the ratio's quartiles need them), got {rounds!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    _check_backend(backend)
     args = _as_args(example_input)
-    cuda = any(a.is_cuda for a in args if isinstance(a, torch.Tensor))
+    cuda = backend == "eager" and any(a.is_cuda for a in args if isinstance(a, torch.Tensor))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    models = {"before": before, "after": after}
-    times = {k: [] for k in models}
-    order = list(models)
+    times = {"before": [], "after": []}
+    order = list(times)
     rng = random.Random(0)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads or previous)
         with _measuring(before), _measuring(after), torch.no_grad():
-            for m in models.values():
-                m(*args)  # warm-up
+            forwards = {k: _forward(m, args, backend, threads or previous) for k, m in zip(order, (before, after))}
+            for forward in forwards.values():
+                forward()  # warm-up
             for _ in range(rounds):
                 rng.shuffle(order)
                 for k in order:
                     sync()
                     t0 = time.perf_counter()
-                    models[k](*args)
+                    forwards[k]()
                     sync()
                     times[k].append(time.perf_counter() - t0)
     finally:
@@ -522,14 +547,29 @@ def _op_name(target: Any) -> str | None:
     return target.name() if isinstance(target, torch._ops.OpOverload) else None
 
 
-def _best_latency(model: nn.Module, args: tuple, threads: int, min_run_time: float) -> float:
-    """Seconds of one forward in the fastest of the timed blocks (Timer synchronizes CUDA around
-    each block): other load on the machine only ever slows a block down, so the fastest is the
-    model's own time, where a median or a single block can be any of them."""
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
+def _forward(model: nn.Module, args: tuple, backend: str, threads: int) -> Callable[[], Any]:
+    """One forward of ``model`` on ``args`` in ``backend``, as a call of no arguments: what the
+    timing loops run (the ONNX export happens here, once, before any timing)."""
+    if backend == "onnxruntime":
+        from easier_ext.export import onnxruntime_runner
+
+        return onnxruntime_runner(model, args, threads=threads)
+    return lambda: model(*args)
+
+
+def _best_latency(forward: Callable[[], Any], threads: int, min_run_time: float) -> float:
+    """Seconds of one ``forward()`` in the fastest of the timed blocks (Timer synchronizes CUDA
+    around each block): other load on the machine only ever slows a block down, so the fastest is
+    the model's own time, where a median or a single block can be any of them."""
     # Imported here: torch.utils.benchmark imports cpp_extension, which warns on import without CUDA.
     from torch.utils.benchmark import Timer
 
-    timer = Timer("model(*args)", globals={"model": model, "args": args}, num_threads=threads)
+    timer = Timer("forward()", globals={"forward": forward}, num_threads=threads)
     return min(timer.blocked_autorange(min_run_time=min_run_time).times)
 
 

@@ -256,7 +256,7 @@ def test_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for sub in ("run", "measure", "fold", "report"):
+    for sub in ("run", "measure", "fold", "export", "report"):
         assert sub in out
     with pytest.raises(SystemExit):
         main(["run", "--help"])
