@@ -122,14 +122,18 @@ def is_stochastic_depth(node: fx.Node) -> bool:
     )
 
 
-def trace_model(model: nn.Module) -> fx.GraphModule:
+def trace_model(model: nn.Module, tracer: type = None) -> fx.GraphModule:
     """The whole model as a GraphModule of torch.nn layers and easier_ext sites.
+
+    Args:
+        model: the model.
+        tracer: the ``fx.Tracer`` class to trace with (default :class:`FoldTracer`).
 
     Raises:
         RuntimeError: naming the model when torch.fx cannot trace it.
     """
     try:
-        graph = FoldTracer().trace(model)
+        graph = (tracer or FoldTracer)().trace(model)
     except Exception as e:  # fx raises many types: TraceError, TypeError, NameError, ...
         raise RuntimeError(
             f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); "

@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from easier_ext._tracing import FoldTracer, is_stochastic_depth
+from easier_ext._tracing import FoldTracer, is_stochastic_depth, trace_model
 from easier_ext.chains import find_chains, own_macs, plan_segments
 from easier_ext.merge import add_convs, compose_convs, compose_linears
 from easier_ext.modules import EntropyActivation
@@ -135,7 +135,7 @@ def fold(model: nn.Module, example_input: Any, *, cost: str = "macs", verify: bo
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     # Before folding: NaN/inf outputs would fail the check below, as if folding had changed them.
     expected = _finite_outputs(model, args) if verify else None
-    gm = _trace(bake_pruning(copy.deepcopy(model)).eval())
+    gm = trace_model(bake_pruning(copy.deepcopy(model)).eval(), _LayerTracer)
     folder = _Folder(gm, args, cost)
     folder.run()
     gm.fold_log = folder.log
@@ -161,18 +161,6 @@ def _keeps_torch_forward(m: nn.Module) -> bool:
     # a conv's forward calls _conv_forward, which some subclasses replace
     methods = [getattr(type(m), name, None) for name in ("forward", "_conv_forward")]
     return all(f is None or str(getattr(f, "__module__", "")).startswith("torch.nn.") for f in methods)
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    """The whole model as a GraphModule of torch.nn layers and easier_ext sites."""
-    try:
-        graph = _LayerTracer().trace(model)
-    except Exception as e:  # fx raises many types: TraceError, TypeError, NameError, ...
-        raise RuntimeError(
-            f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); "
-            "folding needs a model whose forward has no data-dependent control flow"
-        ) from e
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
 def planning_graph(model: nn.Module) -> fx.Graph:
