@@ -98,6 +98,9 @@ class EntropyActivation(nn.Module):
             return input if self.linear_scale is None else input * self._scale_view(input)
         if not self.track:
             return self._torch_forward(input)
+        # Every check comes before the op, so a refused call changes neither the counts nor an
+        # input the in-place op would write.
+        self._check_counts_fit(input)
         if getattr(self, "inplace", False) and not (torch.is_grad_enabled() and input.requires_grad):
             counts = ops.rectify_count_(input, self.activation, channel_dim=self.channel_dim, **self._op_args())
             self._accumulate(input, counts)
@@ -106,21 +109,27 @@ class EntropyActivation(nn.Module):
         self._accumulate(input, counts)
         return out
 
-    def _accumulate(self, input: Tensor, counts: Tensor) -> None:
-        # Every check comes before the first write, so a refused call leaves the counts as they were.
-        channels = counts.shape[0]
-        if self.observations.device != counts.device:
+    def _check_counts_fit(self, input: Tensor) -> None:
+        if self.observations.device != input.device:
             raise RuntimeError(
                 f"{type(self).__name__}'s counts are on {self.observations.device} but its input is on "
-                f"{counts.device}; move the module with .to({str(counts.device)!r})"
+                f"{input.device}; move the module with .to({str(input.device)!r})"
             )
+        if input.dim() == 0 or self.on_counts.numel() == 0:
+            return  # the op refuses a 0-d input; empty counts are sized on first use
+        channels = input.shape[self.channel_dim % input.dim()]
         if self.on_counts.shape[0] != channels:
-            if self.on_counts.numel() != 0:
-                raise ValueError(
-                    f"{type(self).__name__} has counted {self.on_counts.shape[0]} neurons along dim "
-                    f"{self.channel_dim}, but got an input of shape {tuple(input.shape)} with {channels}; "
-                    "call reset_stats() before measuring differently shaped inputs"
-                )
+            raise ValueError(
+                f"{type(self).__name__} has counted {self.on_counts.shape[0]} neurons along dim "
+                f"{self.channel_dim}, but got an input of shape {tuple(input.shape)} with {channels}; "
+                "call reset_stats() before measuring differently shaped inputs"
+            )
+
+    def _accumulate(self, input: Tensor, counts: Tensor) -> None:
+        channels = counts.shape[0]
+        if self.on_counts.shape[0] != channels:
+            if self.on_counts.numel() != 0:  # _check_counts_fit and the op disagree on the neurons
+                raise ValueError(f"{type(self).__name__} has counted {self.on_counts.shape[0]} neurons but the op counted {channels}")
             self.on_counts = torch.zeros_like(counts)  # sized on first use
         self.on_counts.add_(counts)
         self.observations.add_(input.numel() // channels if channels else 0)

@@ -172,6 +172,17 @@ def test_bad_input():
     with pytest.raises(TypeError, match="floating-point input"):
         m(torch.ones(2, 4, dtype=torch.int64))
     assert torch.equal(m.on_counts, counts) and torch.equal(m.observations, observations)  # untouched
+    # in place: a refused call leaves the input as it was too (the op would have written it)
+    inplace = ee.EntropyReLU(inplace=True)
+    inplace(torch.randn(2, 4))
+    for bad, error, message in [(torch.randn(2, 5), ValueError, "has counted 4 neurons"),
+                                (torch.randn(2, 4), RuntimeError, "counts are on meta but its input is on cpu")]:
+        if error is RuntimeError:
+            inplace = ee.EntropyReLU(inplace=True).to("meta")
+        before = bad.clone()
+        with pytest.raises(error, match=message):
+            inplace(bad)
+        assert torch.equal(bad, before)
     with pytest.raises(TypeError, match="expected one of nn.ReLU"):
         ee.EntropyActivation.from_module(nn.Tanh())
     with pytest.raises(TypeError, match="EntropyReLU.from_module expects nn.ReLU, got GELU"):
