@@ -448,7 +448,7 @@ def _run(args) -> int:
         schedule.start_from(model)
         result = schedule.run()
         if is_main_process():
-            print(_summary_table(result, len(sites(schedule.model)), len(example)))
+            print(_summary_table(result, len(sites(schedule.model)), result.example_images))
             try:
                 from easier_ext.report import write_report
 

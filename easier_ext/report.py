@@ -217,6 +217,12 @@ def _before_after(run: Run) -> tuple[dict, dict]:
     return {k: first.get(k) for _, k in _COSTS}, {k: last.get(k) for _, k in _COSTS}
 
 
+def _example(run: Run) -> str:
+    """What the costs were measured on: the schedule's example input (the CLI's is 2 images)."""
+    images = (run["summary"] or {}).get("example_images")
+    return f"({images} image{'s' * (images != 1)})" if images else "(example input)"
+
+
 def _budget(run: Run) -> float | None:
     budget = run["config"].get("budget")
     return float(budget) if isinstance(budget, (int, float)) and not isinstance(budget, bool) else None
@@ -562,7 +568,8 @@ def _results(run: Run) -> list[str]:
     after_label = "after" if run["summary"] is not None else f"latest (iteration {run['iterations'][-1]['iteration']})"
     rows = [("top-1 accuracy (%)", f"{dense:.2f}", f"{accuracy:.2f}", f"{accuracy - dense:+.2f} points")]
     rows += [(label, _format_cost(key, before.get(key)), _format_cost(key, after.get(key)), _ratio(before.get(key), after.get(key), run, key))
-             for label, key in (("depth", "depth"), ("MACs", "macs"), ("params", "params"), ("latency", "latency_s"))]
+             for label, key in (("depth", "depth"), (f"MACs {_example(run)}", "macs"), ("params", "params"),
+                                (f"latency {_example(run)}", "latency_s"))]
     ratio_label = "after / dense" if run["summary"] is not None else "latest / dense"
     lines = _table(("", "dense", after_label, ratio_label), rows, align="lrrr")
     names = ", ".join(f"`{name}`" for name in removed) or "none"
@@ -585,7 +592,8 @@ def _iterations(run: Run) -> list[str]:
     chosen = _chosen_log(run)
     total = len(_site_order(run))
     sparse = any(log.get("sparsity") is not None for log in logs)
-    header = ["iteration", "removed (entropy, bits)", "linearized", "val top-1 (%)", "depth", "MACs", "latency"]
+    header = ["iteration", "removed (entropy, bits)", "linearized", "val top-1 (%)", "depth", f"MACs {_example(run)}",
+              f"latency {_example(run)}"]
     header += ["sparsity"] if sparse else []
     rows = []
     for log in logs:

@@ -49,6 +49,8 @@ class ScheduleResult:
             ``after.latency_s`` come from; None when latency is not measured.
         unmerged: why chains that would pay were left unmerged by the final fold (fold's
             warnings, e.g. convs whose padding was not moved before the last finetune).
+        example_images: the batch size of the example input the costs were measured on (MACs
+            and latencies are of that batch), when it has one.
     """
 
     model: nn.Module
@@ -63,6 +65,7 @@ class ScheduleResult:
     sparsity: Optional[float] = None
     latency: Optional[LatencyComparison] = None
     unmerged: list[str] = field(default_factory=list)
+    example_images: Optional[int] = None
 
 
 class Schedule:
@@ -344,13 +347,18 @@ class Schedule:
         removed = [n for entry in trajectory[1 : log["iteration"] + 1] for n in entry["removed"]]
         result = ScheduleResult(
             folded, linearized, removed, trajectory[0]["val_accuracy"], log["val_accuracy"], before, after, trajectory, stopped,
-            log.get("sparsity"), timed, unmerged,
+            log.get("sparsity"), timed, unmerged, _batch(self.example_input),
         )
         if self.run_dir is not None:
             self.run_dir.save_model("final_folded.pt", folded)
             self.run_dir.save_model(self.unfolded_name, linearized)
             self.run_dir.write_json("summary.json", summary(result))
         return result
+
+
+def _batch(example_input) -> Optional[int]:
+    first = example_input[0] if isinstance(example_input, tuple) else example_input
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None
 
 
 def _world_size() -> dict:
@@ -366,6 +374,8 @@ def summary(result: ScheduleResult) -> dict:
     out = {
         "dense_accuracy": result.dense_accuracy, "accuracy": result.accuracy, "removed": result.removed,
         "before": result.before.as_dict(), "after": result.after.as_dict(), "stopped": result.stopped,
+        # the costs' example input, whose batch MACs and latencies are of
+        "example_images": result.example_images,
         # what the whole run cost, past the returned iteration too (unknown with a train_fn)
         "finetune_epochs": sum(len(log["finetune"]) for log in result.trajectory[1:]) if all(log["finetune"] for log in result.trajectory[1:]) else None,
     }

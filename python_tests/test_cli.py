@@ -66,6 +66,7 @@ def test_run_writes_a_complete_run_directory(model_file, tmp_path, capsys):
     # MACs per image: half of what the summary.json's costs of the 2-image example input say
     macs = re.search(r"MACs/image +([0-9.]+) M -> ([0-9.]+) M", out)
     assert macs and float(macs.group(1)) == pytest.approx(summary["before"]["macs"] / 2 / 1e6, abs=0.05)
+    assert summary["example_images"] == 2 and "| MACs (2 images) |" in (run_dir / "report.md").read_text()
     # the same command on the same directory is refused; --resume continues (nothing left to do here)
     assert main(run_args(model_file, run_dir)) == 2
     assert "already holds" in capsys.readouterr().err
