@@ -298,3 +298,18 @@ def test_pretraining_learning_rate(model_file, tmp_path, monkeypatch, extra, pre
     config = json.loads((run_dir / "config.json").read_text())
     assert config.get("pretrain_lr") == (0.003 if "--pretrain-lr" in extra else None)
 
+
+
+def test_a_full_disk_is_one_line_before_any_work(model_file, tmp_path, monkeypatch, capsys):
+    from easier_ext import rundir
+
+    class Full:
+        total, used, free = 1 << 40, 1 << 40, 0
+
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda folder: Full)
+    run_dir = tmp_path / "run"
+    assert main(run_args(model_file, run_dir)) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"easier-ext run: error: no space for the run's checkpoints in \S+: about \d+ MiB needed, 0 MiB free; "
+                        r"free some space or use another run directory\n", err), err
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == ["config.json"]  # resumable, nothing else
