@@ -126,13 +126,8 @@ def export_onnx(
     _check_tolerances(rtol, atol)
     plain, args = _prepare(model, example_input)
     data = _onnx_bytes(plain, args, dynamic_batch)
-    difference = None
-    if check:
-        session = _session(data)
-        difference = _compare("ONNX Runtime", _run_session(session, args), _reference(plain, args), rtol, atol)
-    path = Path(path)
-    atomic_write(path, lambda f: f.write(data))
-    return Exported(path, "onnx", difference, dynamic_batch)
+    run = (lambda: _run_session(_session(data), args)) if check else None
+    return _write_checked(path, data, "onnx", "ONNX Runtime", run, plain, args, rtol, atol, dynamic_batch)
 
 
 def export_program(
@@ -179,15 +174,23 @@ def export_program(
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     data = buffer.getvalue()
-    difference = None
-    if check:
-        loaded = torch.export.load(io.BytesIO(data)).module()
+
+    def run() -> list[torch.Tensor]:
         with torch.no_grad():
-            outputs = loaded(*args)
-        difference = _compare("the torch.export program", _tensors(outputs), _reference(plain, args), rtol, atol)
+            return _tensors(torch.export.load(io.BytesIO(data)).module()(*args))
+
+    return _write_checked(path, data, "pt2", "the torch.export program", run if check else None, plain, args, rtol, atol,
+                          dynamic_batch)
+
+
+def _write_checked(path, data: bytes, format: str, what: str, run: Callable[[], list] | None, plain: nn.Module, args: tuple,
+                   rtol: float, atol: float, dynamic_batch: bool) -> Exported:
+    """Compares what ``run`` gives (the exported file's outputs, read back from ``data``) with the
+    model's, when there is a ``run``; then, and only then, writes ``data`` atomically."""
+    difference = None if run is None else _compare(what, run(), _reference(plain, args), rtol, atol)
     path = Path(path)
     atomic_write(path, lambda f: f.write(data))
-    return Exported(path, "pt2", difference, dynamic_batch)
+    return Exported(path, format, difference, dynamic_batch)
 
 
 # -- the ONNX Runtime backend of easier_ext.costs ---------------------------------------------

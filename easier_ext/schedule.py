@@ -335,9 +335,11 @@ class Schedule:
             warnings.simplefilter("always")
             folded = fold(linearized, self.example_input)
         # chains fold could not merge exactly go into the result; other warnings are passed on
-        unmerged = [str(w.message) for w in caught if str(w.message).startswith("not merging")]
+        unmerged = []
         for w in caught:
-            if not str(w.message).startswith("not merging"):
+            if str(w.message).startswith("not merging"):
+                unmerged.append(str(w.message))
+            else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         dense = fold(self._dense_model(), self.example_input)
         before, after = cost(dense, self.example_input, latency=False), cost(folded, self.example_input, latency=False)
