@@ -50,7 +50,7 @@ auto call_below_autograd(const c10::TypedOperatorHandle<Signature>& op, Args&&..
   return op.call(std::forward<Args>(args)...);
 }
 
-py::object rectify_count_no_grad(py::handle input, const std::string& activation, double negative_slope,
+py::object rectify_count_no_grad(py::handle input, const std::string& activation, double alpha,
                                  py::handle weight, int64_t channel_dim) {
   HANDLE_TH_ERRORS
   auto args = plain_no_grad_args(input, weight);
@@ -58,13 +58,13 @@ py::object rectify_count_no_grad(py::handle input, const std::string& activation
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("easier_ext::rectify_count", "")
                              .typed<RectifyCount>();
-  const auto result = call_below_autograd(op, args->first, activation, negative_slope, args->second, channel_dim);
+  const auto result = call_below_autograd(op, args->first, activation, alpha, args->second, channel_dim);
   return py::make_tuple(py::reinterpret_steal<py::object>(THPVariable_Wrap(std::get<0>(result))),
                         py::reinterpret_steal<py::object>(THPVariable_Wrap(std::get<1>(result))));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
-py::object rectify_count_no_grad_(py::handle input, const std::string& activation, double negative_slope,
+py::object rectify_count_no_grad_(py::handle input, const std::string& activation, double alpha,
                                   py::handle weight, int64_t channel_dim) {
   HANDLE_TH_ERRORS
   auto args = plain_no_grad_args(input, weight);
@@ -72,7 +72,7 @@ py::object rectify_count_no_grad_(py::handle input, const std::string& activatio
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("easier_ext::rectify_count_", "")
                              .typed<RectifyCountInplace>();
-  at::Tensor counts = call_below_autograd(op, args->first, activation, negative_slope, args->second, channel_dim);
+  at::Tensor counts = call_below_autograd(op, args->first, activation, alpha, args->second, channel_dim);
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(counts));
   END_HANDLE_TH_ERRORS_PYBIND
 }
@@ -81,10 +81,10 @@ py::object rectify_count_no_grad_(py::handle input, const std::string& activatio
 
 void bind_no_grad_calls(py::module_& m) {
   m.def("rectify_count_no_grad", &rectify_count_no_grad, py::arg("input"), py::arg("activation"),
-        py::arg("negative_slope"), py::arg("weight"), py::arg("channel_dim"),
+        py::arg("alpha"), py::arg("weight"), py::arg("channel_dim"),
         "easier_ext::rectify_count without the autograd layer, or None when the call needs it.");
   m.def("rectify_count_no_grad_", &rectify_count_no_grad_, py::arg("input"), py::arg("activation"),
-        py::arg("negative_slope"), py::arg("weight"), py::arg("channel_dim"),
+        py::arg("alpha"), py::arg("weight"), py::arg("channel_dim"),
         "easier_ext::rectify_count_ without the autograd layer, or None when the call needs it.");
 }
 

@@ -6,13 +6,14 @@
 TORCH_LIBRARY(easier_ext, m) {
   // Applies `activation` to `input` and, in the same pass, counts for every index along
   // `channel_dim` how many elements were ON (pre-activation > 0). Returns the activation's output
-  // (same sizes and memory format as `input`) and the int64 counts, shape (C,).
+  // (same sizes and memory format as `input`) and the int64 counts, shape (C,). `alpha` is the
+  // activation's scalar (leaky_relu's negative slope, elu's alpha), `weight` prelu's slopes.
   m.def(
-      "rectify_count(Tensor input, str activation, float negative_slope, Tensor? weight, int channel_dim)"
+      "rectify_count(Tensor input, str activation, float alpha, Tensor? weight, int channel_dim)"
       " -> (Tensor, Tensor)");
   // In-place form for inference (no autograd formula): writes the activation into `input` and
   // returns the counts. Saves allocating (and, for large tensors, page-faulting) a new output.
   m.def(
-      "rectify_count_(Tensor(a!) input, str activation, float negative_slope, Tensor? weight, int channel_dim)"
+      "rectify_count_(Tensor(a!) input, str activation, float alpha, Tensor? weight, int channel_dim)"
       " -> Tensor");
 }

@@ -3,12 +3,14 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <string>
 #include <utility>
 
 namespace easier_ext {
 namespace {
 
-constexpr std::array<std::pair<std::string_view, Activation>, 7> kActivations{{
+// The op's activation names; easier_ext/ops.py's ACTIVATIONS must list the same (a test checks).
+constexpr std::array<std::pair<std::string_view, Activation>, 10> kActivations{{
     {"relu", Activation::ReLU},
     {"relu6", Activation::ReLU6},
     {"leaky_relu", Activation::LeakyReLU},
@@ -16,14 +18,26 @@ constexpr std::array<std::pair<std::string_view, Activation>, 7> kActivations{{
     {"gelu", Activation::GELU},
     {"gelu_tanh", Activation::GELUTanh},
     {"silu", Activation::SiLU},
+    {"hardswish", Activation::Hardswish},
+    {"elu", Activation::ELU},
+    {"mish", Activation::Mish},
 }};
+
+std::string known_activations() {
+  std::string names;
+  for (const auto& [name, a] : kActivations) {
+    if (!names.empty()) names += ", ";
+    names += name;
+  }
+  return names;
+}
 
 Activation parse_activation(std::string_view name) {
   for (const auto& [known, a] : kActivations) {
     if (name == known) return a;
   }
-  TORCH_CHECK_VALUE(false, "easier_ext.rectify_count: unknown activation '", name,
-                    "'; expected one of relu, relu6, leaky_relu, prelu, gelu, gelu_tanh, silu");
+  TORCH_CHECK_VALUE(false, "easier_ext.rectify_count: unknown activation '", name, "'; expected one of ",
+                    known_activations());
 }
 
 void check_input(const at::Tensor& input) {
@@ -89,7 +103,7 @@ void check_devices(const at::Tensor& input, const std::optional<at::Tensor>& wei
   }
 }
 
-RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double negative_slope,
+RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double alpha,
                          const std::optional<at::Tensor>& weight, int64_t channel_dim, bool in_place) {
   check_devices(input, weight);
   const Activation a = parse_activation(activation);
@@ -107,7 +121,7 @@ RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, d
     dense.copy_(input);
   }
   TORCH_INTERNAL_ASSERT(dense.strides() == output.strides());
-  return {a, negative_slope, std::move(w), dense, output, channel_layout(dense, dim)};
+  return {a, alpha, std::move(w), dense, output, channel_layout(dense, dim)};
 }
 
 }  // namespace easier_ext

@@ -9,7 +9,13 @@
 
 namespace easier_ext {
 
-enum class Activation { ReLU, ReLU6, LeakyReLU, PReLU, GELU, GELUTanh, SiLU };
+enum class Activation { ReLU, ReLU6, LeakyReLU, PReLU, GELU, GELUTanh, SiLU, Hardswish, ELU, Mish };
+
+// The activations whose formula takes a scalar per channel: the op's `alpha` (leaky_relu's
+// negative slope, elu's alpha) or prelu's weight.
+constexpr bool has_slope(Activation a) {
+  return a == Activation::LeakyReLU || a == Activation::PReLU || a == Activation::ELU;
+}
 
 // The dense input seen as `outer` blocks of `channels` blocks of `inner` contiguous elements.
 // inner == 1 is a channels-last / Linear-shaped tensor; inner > 1 is NCHW-like.
@@ -21,7 +27,7 @@ struct ChannelLayout {
 
 struct RectifyPlan {
   Activation activation;
-  double negative_slope;               // leaky_relu only
+  double alpha;                        // leaky_relu's negative slope, elu's alpha; unused otherwise
   std::optional<at::Tensor> weight;    // prelu only: contiguous, 1 or `channels` values
   at::Tensor input;                    // non-overlapping and dense (a copy if the caller's was not)
   at::Tensor output;                   // same sizes and strides as `input`
@@ -35,7 +41,7 @@ void check_devices(const at::Tensor& input, const std::optional<at::Tensor>& wei
 
 // With `in_place`, a dense input is also the output (the kernels read each element before writing
 // it); a non-dense one still gets a dense output, which the caller copies back.
-RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double negative_slope,
+RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double alpha,
                          const std::optional<at::Tensor>& weight, int64_t channel_dim, bool in_place = false);
 
 // Calls `f(std::integral_constant<Activation, A>{})` with the activation as a compile-time value.
@@ -50,6 +56,9 @@ decltype(auto) dispatch_activation(Activation a, F&& f) {
     case A::GELU: return f(std::integral_constant<A, A::GELU>{});
     case A::GELUTanh: return f(std::integral_constant<A, A::GELUTanh>{});
     case A::SiLU: return f(std::integral_constant<A, A::SiLU>{});
+    case A::Hardswish: return f(std::integral_constant<A, A::Hardswish>{});
+    case A::ELU: return f(std::integral_constant<A, A::ELU>{});
+    case A::Mish: return f(std::integral_constant<A, A::Mish>{});
   }
   TORCH_CHECK(false, "easier_ext: unhandled activation");
 }

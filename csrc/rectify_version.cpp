@@ -13,7 +13,7 @@ namespace easier_ext {
 namespace {
 
 at::Tensor rectify_count_inplace_version(c10::DispatchKeySet keys, at::Tensor& input, c10::string_view activation,
-                                         double negative_slope, const std::optional<at::Tensor>& weight,
+                                         double alpha, const std::optional<at::Tensor>& weight,
                                          int64_t channel_dim) {
   // Before the write: an inference tensor outside inference mode is refused here, untouched.
   torch::autograd::impl::bump_version(input);
@@ -22,7 +22,7 @@ at::Tensor rectify_count_inplace_version(c10::DispatchKeySet keys, at::Tensor& i
                              .typed<at::Tensor(at::Tensor&, c10::string_view, double,
                                                const std::optional<at::Tensor>&, int64_t)>();
   at::AutoDispatchBelowADInplaceOrView below;
-  return op.redispatch(keys & c10::after_ADInplaceOrView_keyset, input, activation, negative_slope, weight,
+  return op.redispatch(keys & c10::after_ADInplaceOrView_keyset, input, activation, alpha, weight,
                        channel_dim);
 }
 

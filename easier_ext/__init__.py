@@ -25,8 +25,11 @@ from easier_ext.nepenthe import NEPENTHE, NepentheResult
 from easier_ext import pruning
 from easier_ext.modules import (
     EntropyActivation,
+    EntropyELU,
     EntropyGELU,
+    EntropyHardswish,
     EntropyLeakyReLU,
+    EntropyMish,
     EntropyPReLU,
     EntropyReLU,
     EntropyReLU6,
@@ -49,8 +52,11 @@ __all__ = [
     "EASIER",
     "EasierResult",
     "EntropyActivation",
+    "EntropyELU",
     "EntropyGELU",
+    "EntropyHardswish",
     "EntropyLeakyReLU",
+    "EntropyMish",
     "EntropyPReLU",
     "EntropyReLU",
     "EntropyReLU6",

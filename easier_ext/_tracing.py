@@ -41,6 +41,10 @@ FUNCTIONAL_RECTIFIERS: dict[Callable, _FunctionalSpec] = {
     F.leaky_relu_: _LEAKY_,
     F.gelu: _FunctionalSpec(nn.GELU, ("input", "approximate"), {"approximate": "none"}),
     F.silu: _FunctionalSpec(nn.SiLU, ("input", "inplace"), {"inplace": False}),
+    F.hardswish: _FunctionalSpec(nn.Hardswish, ("input", "inplace"), {"inplace": False}),
+    F.elu: _FunctionalSpec(nn.ELU, ("input", "alpha", "inplace"), {"alpha": 1.0, "inplace": False}),
+    F.elu_: _FunctionalSpec(nn.ELU, ("input", "alpha"), {"alpha": 1.0}, inplace=True),
+    F.mish: _FunctionalSpec(nn.Mish, ("input", "inplace"), {"inplace": False}),
 }
 #: call_method targets (``x.relu()``) that are rectifiers
 METHOD_RECTIFIERS: dict[str, _FunctionalSpec] = {
@@ -89,6 +93,8 @@ def module_from_call(node: fx.Node, spec: _FunctionalSpec) -> tuple[nn.Module, b
         return nn.LeakyReLU(args["negative_slope"]), inplace
     if spec.module is nn.GELU:
         return nn.GELU(args["approximate"]), inplace
+    if spec.module is nn.ELU:
+        return nn.ELU(args["alpha"]), inplace
     return spec.module(), inplace
 
 

@@ -24,6 +24,8 @@ from easier_ext._faithful import (
     specialization,
 )
 from easier_ext._tracing import (
+    FUNCTIONAL_RECTIFIERS,
+    METHOD_RECTIFIERS,
     RECTIFIER_MODULES,
     FoldTracer,
     ShallowTracer,
@@ -41,8 +43,12 @@ ChannelDim = Union[int, Mapping[str, int], None]
 _CHANNEL_LAST_PRODUCERS = (nn.Linear, nn.LayerNorm, nn.Bilinear)
 # Layers that pass their input through unchanged in shape, looked through to find the producer.
 _PASS_THROUGH = (nn.Dropout, nn.Identity)
-# A forward whose source names one of these may call a rectifier.
-_RECTIFIER_NAME = re.compile(r"\b(relu6?_?|leaky_relu_?|gelu|silu)\b|\b(ReLU6?|LeakyReLU|PReLU|GELU|SiLU)\b")
+# A forward whose source names a rectifier function, method or module may call one.
+_RECTIFIER_NAME = re.compile(
+    r"\b({})\b".format("|".join(sorted(
+        {f.__name__ for f in FUNCTIONAL_RECTIFIERS} | set(METHOD_RECTIFIERS) | {m.__name__ for m in RECTIFIER_MODULES}
+    )))
+)
 
 
 class UntraceableSiteError(RuntimeError):
@@ -52,9 +58,11 @@ class UntraceableSiteError(RuntimeError):
 def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = True, inplace: bool = False, strict: bool = True) -> nn.Module:
     """Replaces every rectifier call site of ``model`` with its own tracked module.
 
-    Sites are ``nn.ReLU``, ``ReLU6``, ``LeakyReLU``, ``PReLU``, ``GELU`` and ``SiLU`` modules and the
-    functional calls ``F.relu``, ``torch.relu``, ``F.relu6``, ``F.leaky_relu``, ``F.gelu``,
-    ``F.silu``, ``x.relu()`` and their in-place variants. A module called once is swapped in
+    Sites are ``nn.ReLU``, ``ReLU6``, ``LeakyReLU``, ``PReLU``, ``GELU``, ``SiLU``, ``Hardswish``,
+    ``ELU`` and ``Mish`` modules and the functional calls ``F.relu``, ``torch.relu``, ``F.relu6``,
+    ``F.leaky_relu``, ``F.gelu``, ``F.silu``, ``F.hardswish``, ``F.elu``, ``F.mish``, ``x.relu()``
+    and their in-place variants. Other activations (Hardsigmoid, SELU, CELU, Softplus, ...) are
+    left as they are and named in a warning. A module called once is swapped in
     place, so the model keeps its classes and attribute names. A module called at several places
     (torchvision's BasicBlock calls ``self.relu`` twice) and functional calls need the calling
     module's forward rewritten: that module (only that one) becomes a ``torch.fx.GraphModule``
@@ -115,8 +123,9 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
     passed = _passed_over(model)
     if not found:
         raise ValueError(
-            f"{type(model).__name__} has no rectifier call site (nn.ReLU, ReLU6, LeakyReLU, PReLU, GELU, SiLU modules, "
-            f"or F.relu / F.relu6 / F.leaky_relu / F.gelu / F.silu / Tensor.relu calls); nothing to convert{passed and f' ({passed})'}"
+            f"{type(model).__name__} has no rectifier call site ({', '.join(m.__name__ for m in RECTIFIER_MODULES)} modules, "
+            f"or {' / '.join(sorted({f.__name__ for f in FUNCTIONAL_RECTIFIERS}))} / Tensor.relu calls); "
+            f"nothing to convert{passed and f' ({passed})'}"
         )
     if passed:
         warnings.warn(f"convert passed over {passed}", stacklevel=2)
@@ -127,7 +136,7 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
 
 # activations shaped like a rectifier (nearly linear on one side of a point) that have no easier_ext
 # site yet: a model's entropy picture leaves them out, which the user should know
-_UNTRACKED_ACTIVATIONS = (nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.RReLU, nn.Threshold)
+_UNTRACKED_ACTIVATIONS = (nn.Hardsigmoid, nn.SELU, nn.CELU, nn.Softplus, nn.RReLU, nn.Threshold)
 
 
 def _passed_over(model: nn.Module) -> str:

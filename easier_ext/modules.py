@@ -23,6 +23,9 @@ __all__ = [
     "EntropyPReLU",
     "EntropyGELU",
     "EntropySiLU",
+    "EntropyHardswish",
+    "EntropyELU",
+    "EntropyMish",
 ]
 
 
@@ -160,8 +163,9 @@ class EntropyActivation(nn.Module):
         neuron was constant: 1 for an always-ON neuron, the OFF-side slope (0 for ReLU) for an
         always-OFF one.
 
-        Exact for relu, leaky_relu and prelu. For relu6 the upper clamp, and for gelu/silu the
-        curvature, are dropped: there the multiplier is the piecewise-linear part of the function.
+        Exact for relu, leaky_relu and prelu. For relu6 the upper clamp, and for the smooth ones
+        (gelu, silu, hardswish, elu, mish) the curvature, are dropped: there the multiplier is the
+        function's slope far from 0 on each side (1 when ON, 0 when OFF).
 
         Returns:
             float tensor of shape ``(C,)``.
@@ -236,11 +240,11 @@ class EntropyActivation(nn.Module):
 
         Called on :class:`EntropyActivation`, the class is chosen from the module's type; called
         on a subclass, the module must be the type that subclass replaces. Parameters (PReLU's
-        weight), slopes and the GELU approximation are carried over.
+        weight), slopes, ELU's alpha and the GELU approximation are carried over.
 
         Args:
-            module: an ``nn.ReLU``, ``nn.ReLU6``, ``nn.LeakyReLU``, ``nn.PReLU``, ``nn.GELU`` or
-                ``nn.SiLU``.
+            module: an ``nn.ReLU``, ``nn.ReLU6``, ``nn.LeakyReLU``, ``nn.PReLU``, ``nn.GELU``,
+                ``nn.SiLU``, ``nn.Hardswish``, ``nn.ELU`` or ``nn.Mish``.
             channel_dim: the neurons' dim (see the class docstring).
             track: count while running.
 
@@ -452,7 +456,65 @@ class EntropySiLU(_InplaceActivation):
         return F.silu(input, inplace=self.inplace)
 
 
+class EntropyHardswish(_InplaceActivation):
+    """``nn.Hardswish`` that counts its neurons' ON states (ON is > 0). See :class:`EntropyActivation`
+    and :class:`EntropyReLU` for ``inplace``."""
+
+    activation = "hardswish"
+    torch_module = nn.Hardswish
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        return F.hardswish(input, inplace=self.inplace)
+
+
+class EntropyELU(EntropyActivation):
+    """``nn.ELU`` that counts its neurons' ON states (ON is > 0). See :class:`EntropyActivation`.
+
+    Args:
+        alpha: the scale of the negative side, ``alpha * (exp(x) - 1)`` (which tends to ``-alpha``).
+        inplace: see :class:`EntropyReLU`.
+    """
+
+    activation = "elu"
+    torch_module = nn.ELU
+
+    def __init__(self, alpha: float = 1.0, inplace: bool = False, *, channel_dim: int = 1, track: bool = True) -> None:
+        super().__init__(channel_dim=channel_dim, track=track)
+        self.alpha = alpha
+        self.inplace = inplace
+
+    def _op_args(self) -> dict:
+        return {"alpha": self.alpha}
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        return F.elu(input, self.alpha, self.inplace)
+
+    @classmethod
+    def _from_torch(cls, module: nn.ELU, **kwargs) -> "EntropyELU":
+        return cls(module.alpha, module.inplace, **kwargs)
+
+    def _torch_module(self) -> nn.Module:
+        return nn.ELU(self.alpha, self.inplace)
+
+    def _torch_extra_repr(self) -> str:
+        return f"alpha={self.alpha}" + (", inplace=True" if self.inplace else "")
+
+
+class EntropyMish(_InplaceActivation):
+    """``nn.Mish`` that counts its neurons' ON states (ON is > 0). See :class:`EntropyActivation`
+    and :class:`EntropyReLU` for ``inplace``."""
+
+    activation = "mish"
+    torch_module = nn.Mish
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        return F.mish(input, inplace=self.inplace)
+
+
 _SUBCLASS_FOR: dict = {
     cls.torch_module: cls
-    for cls in (EntropyReLU, EntropyReLU6, EntropyLeakyReLU, EntropyPReLU, EntropyGELU, EntropySiLU)
+    for cls in (
+        EntropyReLU, EntropyReLU6, EntropyLeakyReLU, EntropyPReLU, EntropyGELU, EntropySiLU,
+        EntropyHardswish, EntropyELU, EntropyMish,
+    )
 }

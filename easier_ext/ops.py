@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from easier_ext import _extension  # loads the library that defines the ops
@@ -18,7 +19,8 @@ from easier_ext import _extension  # loads the library that defines the ops
 __all__ = ["ACTIVATIONS", "rectify_count", "rectify_count_"]
 
 #: Activation names accepted by :func:`rectify_count`.
-ACTIVATIONS = ("relu", "relu6", "leaky_relu", "prelu", "gelu", "gelu_tanh", "silu")
+#: The same list as the C++ table (``kActivations`` in ``csrc/rectify_args.cpp``); a test checks.
+ACTIVATIONS = ("relu", "relu6", "leaky_relu", "prelu", "gelu", "gelu_tanh", "silu", "hardswish", "elu", "mish")
 
 
 def rectify_count(
@@ -26,6 +28,7 @@ def rectify_count(
     activation: str = "relu",
     *,
     negative_slope: float = 0.01,
+    alpha: float = 1.0,
     weight: Optional[Tensor] = None,
     channel_dim: int = 1,
 ) -> tuple[Tensor, Tensor]:
@@ -33,13 +36,16 @@ def rectify_count(
 
     An element is ON when its pre-activation is ``> 0`` (the rectifier's open region; ``0``, ``-0.0``
     and NaN are OFF). The EASIER reference code counts ``>= 0`` instead; the two differ only on
-    exact zeros.
+    exact zeros. For the smooth rectifier-shaped activations (GELU, SiLU, Hardswish, ELU, Mish)
+    ``> 0`` is the side on which they approach the identity.
 
     Args:
         input: floating-point tensor (float32, float64, float16, bfloat16), any layout.
         activation: one of :data:`ACTIVATIONS`. ``"gelu"`` is the exact GELU and ``"gelu_tanh"``
-            its tanh approximation.
+            its tanh approximation; ``"elu"`` is ``F.elu`` (``x`` for ``x >= 0``, else
+            ``alpha * (exp(x) - 1)``).
         negative_slope: slope for ``x <= 0`` of ``"leaky_relu"``; ignored otherwise.
+        alpha: ``"elu"``'s ``alpha``; ignored otherwise.
         weight: ``"prelu"``'s learnable slope, one value or one per channel, same dtype and device
             as ``input``; must be ``None`` for the other activations.
         channel_dim: the dim whose indices are the neurons (1 for ``(N, C, ...)`` conv outputs,
@@ -51,7 +57,7 @@ def rectify_count(
         each channel's number of ON elements. Each channel was observed
         ``input.numel() // C`` times.
     """
-    args = (input, activation, negative_slope, weight, channel_dim)
+    args = (input, activation, _scalar(activation, negative_slope, alpha), weight, channel_dim)
     if not torch.compiler.is_compiling():
         result = _extension._C.rectify_count_no_grad(*args)
         if result is not None:
@@ -64,6 +70,7 @@ def rectify_count_(
     activation: str = "relu",
     *,
     negative_slope: float = 0.01,
+    alpha: float = 1.0,
     weight: Optional[Tensor] = None,
     channel_dim: int = 1,
 ) -> Tensor:
@@ -75,18 +82,23 @@ def rectify_count_(
 
     Args:
         input: as in :func:`rectify_count`; overwritten with the output.
-        activation, negative_slope, weight, channel_dim: as in :func:`rectify_count`.
+        activation, negative_slope, alpha, weight, channel_dim: as in :func:`rectify_count`.
 
     Returns:
         int64 tensor of shape ``(C,)``: each channel's number of ON elements (counted before
         ``input`` was overwritten).
     """
-    args = (input, activation, negative_slope, weight, channel_dim)
+    args = (input, activation, _scalar(activation, negative_slope, alpha), weight, channel_dim)
     if not torch.compiler.is_compiling():
         counts = _extension._C.rectify_count_no_grad_(*args)
         if counts is not None:
             return counts
     return torch.ops.easier_ext.rectify_count_.default(*args)
+
+
+def _scalar(activation: str, negative_slope: float, alpha: float) -> float:
+    """The op's one scalar argument (``alpha`` in the schema): ELU's alpha or LeakyReLU's slope."""
+    return alpha if activation == "elu" else negative_slope
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -149,7 +161,7 @@ def _check_args(input, activation, weight, channel_dim) -> None:
 
 
 @torch.library.register_fake("easier_ext::rectify_count")
-def _rectify_count_fake(input, activation, negative_slope, weight, channel_dim):
+def _rectify_count_fake(input, activation, alpha, weight, channel_dim):
     _check_args(input, activation, weight, channel_dim)
     channels = input.shape[channel_dim]
     return torch.empty_like(input), input.new_empty((channels,), dtype=torch.int64)
@@ -165,10 +177,10 @@ def _weight_view(weight: Tensor, input: Tensor, channel_dim: int) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    input, activation, negative_slope, weight, channel_dim = inputs
+    input, activation, alpha, weight, channel_dim = inputs
     out, _ = output
     ctx.activation = activation
-    ctx.negative_slope = negative_slope
+    ctx.alpha = alpha
     ctx.channel_dim = channel_dim
     # Keep what torch keeps for the same activation: relu's output (which the next layer holds
     # anyway), the input for the others.
@@ -186,7 +198,7 @@ def _backward(ctx, grad_out, _grad_counts):
     elif act == "relu6":
         grad_input = aten.hardtanh_backward(grad_out, saved, 0.0, 6.0)
     elif act == "leaky_relu":
-        grad_input = aten.leaky_relu_backward(grad_out, saved, ctx.negative_slope, False)
+        grad_input = aten.leaky_relu_backward(grad_out, saved, ctx.alpha, False)
     elif act == "gelu":
         grad_input = aten.gelu_backward(grad_out, saved, approximate="none")
     elif act == "gelu_tanh":
@@ -198,6 +210,16 @@ def _backward(ctx, grad_out, _grad_counts):
             grad_input = grad_out * sig * (1.0 + saved * (1.0 - sig))
         else:
             grad_input = aten.silu_backward(grad_out, saved)
+    elif act == "hardswish":
+        grad_input = aten.hardswish_backward(grad_out, saved)
+    elif act == "elu":
+        grad_input = aten.elu_backward(grad_out, ctx.alpha, 1, 1, False, saved)
+    elif act == "mish":
+        if torch.is_grad_enabled():  # as torch does, for the same reason as silu
+            tanh_softplus = torch.tanh(F.softplus(saved))
+            grad_input = grad_out * (tanh_softplus + saved * torch.sigmoid(saved) * (1.0 - tanh_softplus * tanh_softplus))
+        else:
+            grad_input = aten.mish_backward(grad_out, saved)
     else:  # prelu: dL/dx = g (x > 0) or w g; dL/dw = sum over non-channel dims of g x (x <= 0)
         dim = ctx.channel_dim % saved.dim()
         w = _weight_view(weight, saved, dim)
@@ -215,6 +237,6 @@ torch.library.register_autograd("easier_ext::rectify_count", _backward, setup_co
 
 
 @torch.library.register_fake("easier_ext::rectify_count_")
-def _rectify_count_inplace_fake(input, activation, negative_slope, weight, channel_dim):
-    _, counts = _rectify_count_fake(input, activation, negative_slope, weight, channel_dim)
+def _rectify_count_inplace_fake(input, activation, alpha, weight, channel_dim):
+    _, counts = _rectify_count_fake(input, activation, alpha, weight, channel_dim)
     return counts

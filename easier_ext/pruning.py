@@ -88,11 +88,11 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.module
 _ADD = {operator.add, operator.iadd, torch.add}
 _ELEMENTWISE = _ADD | {
     operator.mul, operator.imul, operator.sub, operator.truediv, operator.neg, torch.mul, torch.sub, torch.relu, F.relu, F.relu6,
-    F.leaky_relu, F.gelu, F.silu, F.hardtanh, torch.sigmoid, torch.tanh, F.hardswish,
+    F.leaky_relu, F.gelu, F.silu, F.hardtanh, torch.sigmoid, torch.tanh, F.hardswish, F.elu, F.mish,
 }
 _CHANNELWISE_MODULES = (
     nn.modules.batchnorm._BatchNorm, EntropyActivation, nn.Dropout, nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU,
-    nn.GELU, nn.SiLU, nn.Hardtanh, nn.Hardswish, nn.Sigmoid, nn.Tanh,
+    nn.GELU, nn.SiLU, nn.Hardtanh, nn.Hardswish, nn.ELU, nn.Mish, nn.Sigmoid, nn.Tanh,
 )
 # functional layers: their weights are not a module's, so the walk stops there without taking them
 _FUNCTIONAL_LAYERS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.bilinear, torch.matmul, torch.bmm, torch.mm, operator.matmul}

@@ -22,7 +22,8 @@ def build(name: str) -> nn.Module:
 
 def reference_site_calls(model: nn.Module, x: torch.Tensor) -> int:
     """Independent count: how many rectifier calls one forward makes, seen at the aten level."""
-    ops = {"relu", "relu_", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "gelu", "silu", "silu_", "prelu", "_prelu_kernel"}
+    ops = {"relu", "relu_", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "gelu", "silu", "silu_", "prelu", "_prelu_kernel",
+           "hardswish", "hardswish_", "elu", "elu_", "mish", "mish_"}
     seen = []
 
     class Mode(torch.utils._python_dispatch.TorchDispatchMode):
@@ -61,8 +62,8 @@ def test_torchvision_models_site_counts_and_outputs(name):
 
 @pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_small"])
 def test_other_torchvision_families(name):
-    """Deeper ResNets, EfficientNet's SiLU, ConvNeXt's GELU on (..., C) tensors, and a model
-    whose Hardswish sites are not rectifiers (left alone) beside its ReLUs."""
+    """Deeper ResNets, EfficientNet's SiLU, ConvNeXt's GELU on (..., C) tensors, and MobileNetV3's
+    Hardswish sites beside its ReLUs (its Hardsigmoid gates are left alone)."""
     model = build(name)
     x = torch.randn(1, 3, 64, 64)
     converted = ee.convert(model)
@@ -130,6 +131,8 @@ class Functional(nn.Module):
         h = torch.relu(h) + F.gelu(self.fc2(h), approximate="tanh")
         h = F.leaky_relu(h, 0.2) + F.silu(h) + F.relu6(h)
         h = h.relu()
+        h = F.hardswish(h) + F.elu(h, 0.5) + F.mish(h)
+        h = F.elu_(h * 1.0)
         c = self.conv(img)
         F.relu(c, inplace=True)  # result used through c, in place
         c.relu_()
@@ -142,10 +145,12 @@ def test_functional_and_inplace_calls():
     args = (torch.randn(5, 8), torch.randn(2, 3, 6, 6))
     converted = ee.convert(model)
     found = ee.sites(converted)
-    assert len(found) == 9
+    assert len(found) == 13
     kinds = [type(m).__name__ for m in found.values()]
-    assert kinds == ["EntropyReLU", "EntropyReLU", "EntropyGELU", "EntropyLeakyReLU", "EntropySiLU", "EntropyReLU6", "EntropyReLU", "EntropyReLU", "EntropyReLU"]
+    assert kinds == ["EntropyReLU", "EntropyReLU", "EntropyGELU", "EntropyLeakyReLU", "EntropySiLU", "EntropyReLU6", "EntropyReLU",
+                     "EntropyHardswish", "EntropyELU", "EntropyMish", "EntropyELU", "EntropyReLU", "EntropyReLU"]
     assert found["gelu"].approximate == "tanh" and found["leaky_relu"].negative_slope == 0.2
+    assert found["elu"].alpha == 0.5 and found["elu_"].alpha == 1.0
     with torch.no_grad():
         expected = model(*[a.clone() for a in args])
         got = converted(*[a.clone() for a in args])
@@ -534,15 +539,15 @@ def test_timm_models_convert_from_the_whole_model_trace(name):
 
 
 def test_activations_without_a_site_are_named_not_passed_over_silently():
-    # MobileNetV3-style: ReLUs become sites, Hardswish/Hardsigmoid have none yet
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.Hardswish(), nn.Conv2d(4, 4, 1), nn.Hardswish(),
-                          nn.Hardsigmoid())
-    with pytest.warns(UserWarning, match=r"convert passed over 2 Hardswish modules \(3, 5\) and 1 Hardsigmoid module \(6\), "
+    # MobileNetV3-style: ReLUs and Hardswish become sites, Hardsigmoid (a gate) and SELU have none
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.Hardswish(), nn.Conv2d(4, 4, 1), nn.SELU(),
+                          nn.Conv2d(4, 4, 1), nn.SELU(), nn.Hardsigmoid())
+    with pytest.warns(UserWarning, match=r"convert passed over 2 SELU modules \(5, 7\) and 1 Hardsigmoid module \(8\), "
                                          r"which easier_ext has no site for"):
         converted = ee.convert(model)
-    assert list(ee.sites(converted)) == ["1"]
+    assert list(ee.sites(converted)) == ["1", "3"]
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(converted(x), model(x))
     # no site at all (LeViT-style): the error says what was found
-    with pytest.raises(ValueError, match=r"nothing to convert \(1 ELU module \(1\), which easier_ext has no site for\)"):
-        ee.convert(nn.Sequential(nn.Linear(3, 3), nn.ELU()))
+    with pytest.raises(ValueError, match=r"nothing to convert \(1 CELU module \(1\), which easier_ext has no site for\)"):
+        ee.convert(nn.Sequential(nn.Linear(3, 3), nn.CELU()))

@@ -789,3 +789,24 @@ def test_timm_models_fold_exactly_with_their_batchnorms(name):
     left = [line for line in folded.fold_log if "left unfolded" in line]
     assert batchnorms_left(folded) == len(left) == (24 if name == "fastvit_t8" else 0)
     assert not any("is empty" in line for line in folded.fold_log)
+
+
+@pytest.mark.parametrize("act", [nn.Hardswish, lambda: nn.ELU(0.5), nn.Mish], ids=["hardswish", "elu", "mish"])
+def test_smooth_rectifier_sites_fold_exactly(act):
+    """Hardswish/ELU/Mish sites: the linearized one merges its convs (one conv fewer), the others
+    go back to torch's module, and the folded model computes what the linearized one does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), act(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), act(),
+        nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 16), act(), nn.Linear(16, 3),
+    )
+    model = ee.convert(randomize_batchnorm(model, 0)).eval()
+    kinds = {type(m).__name__ for m in ee.sites(model).values()}
+    assert len(ee.sites(model)) == 3 and len(kinds) == 1 and kinds != {"EntropyActivation"}
+    ee.linearize(model, ["5"], mode="identity")
+    x = torch.randn(2, 3, 6, 6)
+    folded = ee.fold(model, x)
+    assert relative_error(reference_forward(folded, x), reference_forward(model, x)) <= 1e-5
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 2
+    kept = [m for m in folded.modules() if isinstance(m, type(act()))]
+    assert len(kept) == 2 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())

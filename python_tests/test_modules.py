@@ -19,8 +19,11 @@ PAIRS = [
     (nn.GELU(), ee.EntropyGELU),
     (nn.GELU("tanh"), ee.EntropyGELU),
     (nn.SiLU(), ee.EntropySiLU),
+    (nn.Hardswish(), ee.EntropyHardswish),
+    (nn.ELU(0.7), ee.EntropyELU),
+    (nn.Mish(), ee.EntropyMish),
 ]
-IDS = ["relu", "relu6", "leaky", "prelu", "gelu", "gelu_tanh", "silu"]
+IDS = ["relu", "relu6", "leaky", "prelu", "gelu", "gelu_tanh", "silu", "hardswish", "elu", "mish"]
 
 
 def _randomize(torch_module):
@@ -71,16 +74,22 @@ def test_linear_shaped_and_channels_last_inputs():
     np.testing.assert_array_equal(m2.on_counts.numpy(), reference_counts(xc, 1))
 
 
+SMOOTH = (ee.EntropySiLU, ee.EntropyHardswish, ee.EntropyELU, ee.EntropyMish)
+
+
 @pytest.mark.parametrize("track", [False, True])
 @pytest.mark.parametrize("cls,fn", [(ee.EntropyReLU, torch.relu), (ee.EntropyReLU6, nn.functional.relu6),
-                                    (ee.EntropySiLU, nn.functional.silu), (ee.EntropyLeakyReLU, nn.functional.leaky_relu)])
+                                    (ee.EntropySiLU, nn.functional.silu), (ee.EntropyLeakyReLU, nn.functional.leaky_relu),
+                                    (ee.EntropyHardswish, nn.functional.hardswish), (ee.EntropyELU, nn.functional.elu),
+                                    (ee.EntropyMish, nn.functional.mish)])
 def test_inplace_semantics(cls, fn, track):
     x = torch.randn(4, 3, 5, 5)
     xc = x.clone()
     m = cls(inplace=True, track=track)
     y = m(xc)  # like torch: the input is overwritten
     assert y.data_ptr() == xc.data_ptr()
-    torch.testing.assert_close(xc, fn(x), rtol=0 if cls is not ee.EntropySiLU else 1e-6, atol=0 if cls is not ee.EntropySiLU else 1e-6)
+    tol = 1e-6 if cls in SMOOTH else 0
+    torch.testing.assert_close(xc, fn(x), rtol=tol, atol=tol)
     if track:
         np.testing.assert_array_equal(m.on_counts.numpy(), reference_counts(x, 1))
     # where autograd needs the input, tracking gives a new output and leaves the input alone

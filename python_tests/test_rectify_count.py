@@ -13,6 +13,7 @@ from testing import (
     DTYPES,
     INPLACE_OP,
     OP,
+    BIT_EXACT_ON_CPU,
     PIECEWISE_LINEAR,
     assert_bit_exact,
     assert_within_rounding,
@@ -67,7 +68,7 @@ def test_matches_torch_and_numpy(device, dtype, activation):
         ref = reference_activation(x, act, slope, w, dim)
         assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device, case
         assert y.stride() == torch.empty_like(x).stride(), case
-        if act in PIECEWISE_LINEAR:
+        if act in PIECEWISE_LINEAR or (act in BIT_EXACT_ON_CPU and device == "cpu"):
             assert_bit_exact(y, ref, case)
         else:
             assert_within_rounding(y, ref, x, case)
@@ -253,6 +254,27 @@ def bad_inputs(device):
     ]
 
 
+def test_python_and_cpp_list_the_same_activations():
+    """ops.ACTIVATIONS (the fake kernel's check, the modules, the docs) is the C++ table's list,
+    which the kernel's error message spells out."""
+    with pytest.raises(ValueError, match="expected one of") as info:
+        OP(torch.ones(2), "no_such_activation", 0.0, None, 0)
+    cpp = str(info.value).split("expected one of ")[1].split("\n")[0].strip()
+    assert cpp.split(", ") == list(ops.ACTIVATIONS) == ACTIVATIONS
+
+
+def test_wrapper_passes_each_activation_its_own_scalar():
+    """The op has one scalar: the wrapper sends elu its alpha and leaky_relu its negative_slope."""
+    x = make_input((3, 4, 5), torch.float64, "cpu", special=False)
+    y, _ = ops.rectify_count(x, "elu", negative_slope=0.3, alpha=0.6)
+    torch.testing.assert_close(y, torch.nn.functional.elu(x, 0.6))
+    y, _ = ops.rectify_count(x, "leaky_relu", negative_slope=0.3, alpha=0.6)
+    torch.testing.assert_close(y, torch.nn.functional.leaky_relu(x, 0.3), rtol=0, atol=0)
+    x2 = x.clone()
+    ops.rectify_count_(x2, "elu", alpha=0.6)
+    torch.testing.assert_close(x2, torch.nn.functional.elu(x, 0.6))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs_give_clear_errors(device):
     for args, exc, pattern in bad_inputs(device):
@@ -341,8 +363,8 @@ def test_cpu_weight_with_a_cuda_input_is_an_error():
 
 
 def wrapper_args(args):
-    x, act, slope, w, dim = args
-    return (x, act), {"negative_slope": slope, "weight": w, "channel_dim": dim}
+    x, act, scalar, w, dim = args
+    return (x, act), {"alpha" if act == "elu" else "negative_slope": scalar, "weight": w, "channel_dim": dim}
 
 
 @pytest.mark.parametrize("device", DEVICES)

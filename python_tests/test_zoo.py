@@ -20,12 +20,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import easier_ext as ee
 
 # aten ops (overload packets) of the activations easier_ext has sites for: nn.ReLU / F.relu (relu,
-# relu_), ReLU6 (hardtanh), LeakyReLU, PReLU, GELU, SiLU.
+# relu_), ReLU6 (hardtanh), LeakyReLU, PReLU, GELU, SiLU, Hardswish, ELU, Mish.
 RECTIFIER_OPS = {"relu", "relu_", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "prelu", "_prelu_kernel",
-                 "gelu", "gelu_", "silu", "silu_"}
+                 "gelu", "gelu_", "silu", "silu_", "hardswish", "hardswish_", "elu", "elu_", "mish", "mish_"}
 # aten ops of activations without a site, and the module class convert's warning names for them
-UNTRACKED_OPS = {"hardswish": "Hardswish", "hardswish_": "Hardswish", "hardsigmoid": "Hardsigmoid",
-                 "hardsigmoid_": "Hardsigmoid", "elu": "ELU", "elu_": "ELU", "mish": "Mish", "mish_": "Mish"}
+UNTRACKED_OPS = {"hardsigmoid": "Hardsigmoid", "hardsigmoid_": "Hardsigmoid"}
 
 
 def _tv_vit(num_classes):

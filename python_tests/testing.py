@@ -13,8 +13,10 @@ OP = torch.ops.easier_ext.rectify_count.default
 INPLACE_OP = torch.ops.easier_ext.rectify_count_.default
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-ACTIVATIONS = ["relu", "relu6", "leaky_relu", "prelu", "gelu", "gelu_tanh", "silu"]
+ACTIVATIONS = ["relu", "relu6", "leaky_relu", "prelu", "gelu", "gelu_tanh", "silu", "hardswish", "elu", "mish"]
 PIECEWISE_LINEAR = {"relu", "relu6", "leaky_relu", "prelu"}
+# bit for bit equal to torch's CPU kernel too (torch's CUDA hardswish multiplies by 1/6 instead)
+BIT_EXACT_ON_CPU = PIECEWISE_LINEAR | {"hardswish"}
 
 
 def has_kernel(device: str) -> bool:
@@ -37,14 +39,15 @@ def device_param(device: str):
 DEVICES = [device_param("cpu"), device_param("cuda")]
 
 
-def reference_activation(x: torch.Tensor, activation: str, negative_slope: float = 0.01, weight=None, channel_dim: int = 1):
-    """torch's own functional for the activation (what the fused op must equal)."""
+def reference_activation(x: torch.Tensor, activation: str, alpha: float = 0.01, weight=None, channel_dim: int = 1):
+    """torch's own functional for the activation (what the fused op must equal); ``alpha`` is the
+    op's scalar argument: leaky_relu's negative slope, elu's alpha."""
     if activation == "relu":
         return F.relu(x)
     if activation == "relu6":
         return F.relu6(x)
     if activation == "leaky_relu":
-        return F.leaky_relu(x, negative_slope)
+        return F.leaky_relu(x, alpha)
     if activation == "prelu":
         # F.prelu puts one weight per channel on dim 1; elsewhere, the same formula by hand.
         d = channel_dim % x.dim()
@@ -59,6 +62,12 @@ def reference_activation(x: torch.Tensor, activation: str, negative_slope: float
         return F.gelu(x, approximate="tanh")
     if activation == "silu":
         return F.silu(x)
+    if activation == "hardswish":
+        return F.hardswish(x)
+    if activation == "elu":
+        return F.elu(x, alpha)
+    if activation == "mish":
+        return F.mish(x)
     raise ValueError(activation)
 
 

@@ -21,11 +21,11 @@ cpu::RectifyCountKernel select_kernel() {
 }
 
 std::tuple<at::Tensor, at::Tensor> rectify_count_cpu(const at::Tensor& input, c10::string_view activation,
-                                                      double negative_slope, const std::optional<at::Tensor>& weight,
+                                                      double alpha, const std::optional<at::Tensor>& weight,
                                                       int64_t channel_dim) {
   check_devices(input, weight);
   TORCH_INTERNAL_ASSERT(input.device().is_cpu());
-  RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), negative_slope,
+  RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), alpha,
                                   weight, channel_dim);
   at::Tensor counts = at::empty({plan.layout.channels}, input.options().dtype(at::kLong));
   static const cpu::RectifyCountKernel kernel = select_kernel();
@@ -33,11 +33,11 @@ std::tuple<at::Tensor, at::Tensor> rectify_count_cpu(const at::Tensor& input, c1
   return {plan.output, counts};
 }
 
-at::Tensor rectify_count_inplace_cpu(at::Tensor& input, c10::string_view activation, double negative_slope,
+at::Tensor rectify_count_inplace_cpu(at::Tensor& input, c10::string_view activation, double alpha,
                                      const std::optional<at::Tensor>& weight, int64_t channel_dim) {
   check_devices(input, weight);
   TORCH_INTERNAL_ASSERT(input.device().is_cpu());
-  RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), negative_slope,
+  RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), alpha,
                                   weight, channel_dim, /*in_place=*/true);
   at::Tensor counts = at::empty({plan.layout.channels}, input.options().dtype(at::kLong));
   static const cpu::RectifyCountKernel kernel = select_kernel();

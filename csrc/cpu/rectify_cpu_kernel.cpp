@@ -72,7 +72,7 @@ void store(scalar_t* p, int64_t n, const Parts<scalar_t>& v) {
 }
 
 // The activations, written as ATen writes them so results match torch's (bit for bit for the
-// piecewise-linear ones). `slope` is leaky_relu's negative_slope or prelu's weight per lane.
+// piecewise-linear ones). `slope` is the per-lane alpha or prelu weight (see has_slope).
 template <Activation A, typename T>
 Vectorized<T> activate(const Vectorized<T>& x, const Vectorized<T>& slope) {
   const Vectorized<T> zero(T(0));
@@ -91,16 +91,25 @@ Vectorized<T> activate(const Vectorized<T>& x, const Vectorized<T>& slope) {
     const Vectorized<T> kappa(T(0.044715));
     const auto inner = beta * (x + kappa * (x * x * x));
     return half * x * (one + inner.tanh());
-  } else {
-    static_assert(A == Activation::SiLU);
+  } else if constexpr (A == Activation::SiLU) {
     return x / (one + x.neg().exp());
+  } else if constexpr (A == Activation::Hardswish) {
+    const Vectorized<T> three(T(3));
+    const Vectorized<T> six(T(6));
+    return x * at::vec::minimum(at::vec::maximum(x + three, zero), six) / six;
+  } else if constexpr (A == Activation::ELU) {
+    // ELU's `slope` is alpha; x >= 0 keeps -0.0 on the identity side, as torch does.
+    return Vectorized<T>::blendv(x.expm1() * slope, x, x >= zero);
+  } else {
+    static_assert(A == Activation::Mish);
+    return x * x.exp().log1p().tanh();
   }
 }
 
 // The per-lane slopes at `p` for the activations that have one, zero (unused) for the others.
 template <Activation A, typename T>
 Vectorized<T> load_slope(const T* p) {
-  if constexpr (A == Activation::LeakyReLU || A == Activation::PReLU) {
+  if constexpr (has_slope(A)) {
     return Vectorized<T>::loadu(p);
   } else {
     return Vectorized<T>(T(0));
@@ -128,8 +137,8 @@ std::vector<opmath_t<scalar_t>> channel_slopes(const RectifyPlan& plan, int64_t 
   using opmath = opmath_t<scalar_t>;
   const int64_t channels = plan.layout.channels;
   std::vector<opmath> slopes(padded, opmath(0));
-  if (plan.activation == Activation::LeakyReLU) {
-    std::fill(slopes.begin(), slopes.begin() + channels, static_cast<opmath>(plan.negative_slope));
+  if (plan.activation == Activation::LeakyReLU || plan.activation == Activation::ELU) {
+    std::fill(slopes.begin(), slopes.begin() + channels, static_cast<opmath>(plan.alpha));
   } else if (plan.activation == Activation::PReLU) {
     const scalar_t* w = plan.weight->const_data_ptr<scalar_t>();
     const bool shared = plan.weight->numel() == 1;
@@ -142,7 +151,10 @@ std::vector<opmath_t<scalar_t>> channel_slopes(const RectifyPlan& plan, int64_t 
 // cheap (piecewise-linear) activations: the loop is then bound by loads and stores, not by one
 // counter's add chain. The transcendental ones are bound by their math; unrolling them only spills.
 template <Activation A>
-constexpr int kUnroll = (A == Activation::GELU || A == Activation::GELUTanh || A == Activation::SiLU) ? 1 : 4;
+constexpr int kUnroll = (A == Activation::GELU || A == Activation::GELUTanh || A == Activation::SiLU ||
+                         A == Activation::ELU || A == Activation::Mish)
+                            ? 1
+                            : 4;
 
 // Steps of channels per block of the rows kernel: 8 counter vectors (and as many slopes) in
 // registers; with one block per row, a channels_last conv of 64 float channels on AVX2.

@@ -42,9 +42,18 @@ __device__ __forceinline__ T activate(T x, T slope) {
   } else if constexpr (A == Activation::GELUTanh) {
     const T inner = T(M_SQRT2 * M_2_SQRTPI * 0.5) * (x + T(0.044715) * (x * x * x));
     return T(0.5) * x * (T(1) + ::tanh(inner));
-  } else {
-    static_assert(A == Activation::SiLU);
+  } else if constexpr (A == Activation::SiLU) {
     return x / (T(1) + ::exp(-x));
+  } else if constexpr (A == Activation::Hardswish) {
+    // As torch's CUDA kernel: times 1/6 (its CPU kernel divides by 6; the two differ in the last bit).
+    const T t = x + T(3);
+    const T clamped = t < T(0) ? T(0) : (T(6) < t ? T(6) : t);  // max/min as comparisons keep NaN
+    return x * clamped * T(1.0 / 6.0);
+  } else if constexpr (A == Activation::ELU) {
+    return x <= T(0) ? ::expm1(x) * slope : x;
+  } else {
+    static_assert(A == Activation::Mish);
+    return x * ::tanh(::log1p(::exp(x)));
   }
 }
 
@@ -166,7 +175,7 @@ void launch(const RectifyPlan& plan, unsigned long long* counts, cudaStream_t st
   scalar_t* out = plan.output.mutable_data_ptr<scalar_t>();
   const scalar_t* weight = plan.weight ? plan.weight->const_data_ptr<scalar_t>() : nullptr;
   const bool shared_weight = plan.weight && plan.weight->numel() == 1;
-  const auto slope = static_cast<opmath>(plan.negative_slope);
+  const auto slope = static_cast<opmath>(plan.alpha);
   // Enough resident blocks to fill every SM a few times over, no more: each extra block costs
   // one atomic per channel.
   const int64_t target = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
@@ -190,12 +199,12 @@ void launch(const RectifyPlan& plan, unsigned long long* counts, cudaStream_t st
 }
 
 std::tuple<at::Tensor, at::Tensor> rectify_count_cuda(const at::Tensor& input, c10::string_view activation,
-                                                       double negative_slope, const std::optional<at::Tensor>& weight,
+                                                       double alpha, const std::optional<at::Tensor>& weight,
                                                        int64_t channel_dim) {
   check_devices(input, weight);  // before the assert and the guard, which need a CUDA input
   TORCH_INTERNAL_ASSERT(input.device().is_cuda());
   const c10::cuda::CUDAGuard device_guard(input.device());
-  RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), negative_slope,
+  RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), alpha,
                                   weight, channel_dim);
   at::Tensor counts = at::zeros({plan.layout.channels}, input.options().dtype(at::kLong));
   if (plan.input.numel() == 0) return {plan.output, counts};
@@ -223,9 +232,9 @@ std::tuple<at::Tensor, at::Tensor> rectify_count_cuda(const at::Tensor& input, c
 
 // The kernels declare input and output __restrict__ (so loads may use the read-only cache): the
 // in-place form runs them out of place and copies the result back, on the same stream.
-at::Tensor rectify_count_inplace_cuda(at::Tensor& input, c10::string_view activation, double negative_slope,
+at::Tensor rectify_count_inplace_cuda(at::Tensor& input, c10::string_view activation, double alpha,
                                       const std::optional<at::Tensor>& weight, int64_t channel_dim) {
-  auto [output, counts] = rectify_count_cuda(input, activation, negative_slope, weight, channel_dim);
+  auto [output, counts] = rectify_count_cuda(input, activation, alpha, weight, channel_dim);
   input.copy_(output);
   return counts;
 }
