@@ -35,6 +35,9 @@ TORCH_FN = {
     "prelu": None,  # needs the weight: built per shape
     "gelu": F.gelu,
     "silu": F.silu,
+    "hardswish": F.hardswish,
+    "elu": F.elu,
+    "mish": F.mish,
 }
 
 
@@ -52,6 +55,9 @@ TORCH_INPLACE_FN = {  # torch's in-place forms (nn.ReLU(inplace=True) and friend
     "relu6": lambda x: F.relu6(x, inplace=True),
     "leaky_relu": lambda x: F.leaky_relu_(x, 0.01),
     "silu": lambda x: F.silu(x, inplace=True),
+    "hardswish": lambda x: F.hardswish(x, inplace=True),
+    "elu": lambda x: F.elu(x, inplace=True),
+    "mish": lambda x: F.mish(x, inplace=True),
 }
 
 
