@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from easier_ext import LatencyComparison, compare_latency, fold
-from easier_ext.cli import main as cli
+from easier_ext.app.cli import main as cli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import machine  # noqa: E402

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from easier_ext.cli import main
+from easier_ext.app.cli import main
 
 TINY_MODEL = '''
 from torch import nn
@@ -197,7 +197,7 @@ def test_kill_during_pretraining_then_resume_and_the_lock(tmp_path, capsys):
     model.write_text(SLOW_MODEL)
     run_dir = tmp_path / "run"
     args = run_args(f"{model}:tiny", run_dir, "--max-iterations", "1")
-    code = f"import sys; from easier_ext.cli import main; sys.exit(main({args!r}))"
+    code = f"import sys; from easier_ext.app.cli import main; sys.exit(main({args!r}))"
     env = {**os.environ, "EASIER_EXT_TEST_SLEEP": "1.0"}  # 46 s of pretraining: it is killed long before
     first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
     try:
@@ -280,16 +280,16 @@ def test_help_lists_the_subcommands(capsys):
      (["--optimizer", "adamw", "--lr", "0.0005"], 0.0005)],  # AdamW's default: the finetune lr
 )
 def test_pretraining_learning_rate(model_file, tmp_path, monkeypatch, extra, pretrain_lr):
-    import easier_ext.train
+    import easier_ext.methods.train
 
     recipes = []
-    real = easier_ext.train.finetune
+    real = easier_ext.methods.train.finetune
 
     def recording(model, loader, recipe, **kwargs):
         recipes.append(recipe)
         return real(model, loader, recipe, **kwargs)
 
-    monkeypatch.setattr(easier_ext.train, "finetune", recording)
+    monkeypatch.setattr(easier_ext.methods.train, "finetune", recording)
     run_dir = tmp_path / "run"
     # the case's --lr comes after run_args' own (0.05), and the last one given counts
     assert main(run_args(model_file, run_dir, "--max-iterations", "1", *extra)) == 0

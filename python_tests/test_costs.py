@@ -1,4 +1,4 @@
-"""easier_ext.costs against hand-computed MACs, parameter counts and depths."""
+"""easier_ext.surgery.costs against hand-computed MACs, parameter counts and depths."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from easier_ext import EntropyReLU
 from easier_ext import costs
-from easier_ext.costs import Cost, LatencyComparison, compare, compare_latency, cost
+from easier_ext.surgery.costs import Cost, LatencyComparison, compare, compare_latency, cost
 
 
 def measure(model: nn.Module, example_input) -> Cost:

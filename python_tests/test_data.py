@@ -1,4 +1,4 @@
-"""easier_ext.data: the digits split and preprocessing against an independent recomputation, the
+"""easier_ext.app.data: the digits split and preprocessing against an independent recomputation, the
 CIFAR and ImageFolder loaders on generated files, and the loaders' seeded, resumable order."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler, TensorDataset
 from torchvision import transforms as T
 
-from easier_ext.data import (
+from easier_ext.app.data import (
     DATASETS,
     NORMALIZATION,
     SeededSampler,

@@ -12,11 +12,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import easier_ext as ee
 from testing import on_two_gloo_ranks
-import easier_ext.schedule as schedule_module
-from easier_ext.easier import EASIER
-from easier_ext.nepenthe import NEPENTHE
-from easier_ext.rundir import RunDirError
-from easier_ext.train import NonFiniteLossError, Recipe, finetune
+import easier_ext.methods.schedule as schedule_module
+from easier_ext.methods.easier import EASIER
+from easier_ext.methods.nepenthe import NEPENTHE
+from easier_ext.methods.rundir import RunDirError
+from easier_ext.methods.train import NonFiniteLossError, Recipe, finetune
 
 
 def tiny_cnn(num_classes: int = 3) -> nn.Module:
@@ -231,7 +231,7 @@ def bn_free_cnn() -> nn.Module:
 
 
 def _easier_sites_chosen(per_rank_batch: int) -> list:
-    from easier_ext.data import make_loader
+    from easier_ext.app.data import make_loader
 
     train = make_loader(tiny_data(48, 0), per_rank_batch, train=True, seed=0)
     val = make_loader(tiny_data(24, 1), 12, train=False)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import easier_ext as ee
-from easier_ext.cli import main
-from easier_ext.costs import compare_latency, cost
-from easier_ext.export import ExportError, ExportMismatchError, MissingDependencyError, export_onnx, export_program
+from easier_ext.app.cli import main
+from easier_ext.surgery.costs import compare_latency, cost
+from easier_ext.surgery.export import ExportError, ExportMismatchError, MissingDependencyError, export_onnx, export_program
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_models_with_sites_export_as_torch_layers_and_stay_unchanged(ort, tmp_pa
 
 
 def test_a_mismatch_is_refused_and_nothing_is_written(ort, folded, tmp_path, monkeypatch):
-    import easier_ext.export as export_module
+    import easier_ext.surgery.export as export_module
 
     reference = export_module._reference
     monkeypatch.setattr(export_module, "_reference", lambda model, args: [t + 0.25 for t in reference(model, args)])

@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 import easier_ext as ee
-from easier_ext.costs import cost
-from easier_ext.models import build_model
+from easier_ext.surgery.costs import cost
+from easier_ext.app.models import build_model
 
 
 def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:

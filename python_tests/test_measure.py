@@ -163,7 +163,7 @@ def test_sites_that_never_run_are_left_out_not_reported_at_entropy_zero():
 
 def test_schedules_never_linearize_a_site_that_never_ran():
     from test_easier import schedule
-    from easier_ext.nepenthe import NEPENTHE
+    from easier_ext.methods.nepenthe import NEPENTHE
 
     model = ee.convert(AuxNet())
     with pytest.warns(UserWarning, match="never ran"):

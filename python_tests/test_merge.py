@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from easier_ext import merge
-from easier_ext.merge import (
+from easier_ext.surgery.merge import (
     add_convs,
     compose_convs,
     compose_linears,

@@ -11,8 +11,8 @@ from torch import nn
 from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
 import easier_ext as ee
-from easier_ext.models import SMALL_INPUT_FAMILIES, build_model
-from easier_ext.pruning import feeding_layers
+from easier_ext.app.models import SMALL_INPUT_FAMILIES, build_model
+from easier_ext.methods.pruning import feeding_layers
 
 
 def small_swin(seed: int = 0) -> nn.Module:

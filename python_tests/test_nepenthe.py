@@ -13,12 +13,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import easier_ext as ee
 from testing import on_two_gloo_ranks
-from easier_ext.cli import main
-from easier_ext.nepenthe import NEPENTHE
-from easier_ext.pruning import (
+from easier_ext.app.cli import main
+from easier_ext.methods.nepenthe import NEPENTHE
+from easier_ext.methods.pruning import (
     Paths, bake_pruning, bypassed_sites, feeding_layers, guarded_capacity, irrelevance, prune_magnitude, sparsity, split_budget, weight,
 )
-from easier_ext.train import Recipe, finetune
+from easier_ext.methods.train import Recipe, finetune
 from test_easier import bn_free_cnn, loaders, schedule, tiny_cnn, tiny_data
 
 
@@ -525,7 +525,7 @@ def test_protected_sites_are_neither_pruned_nor_linearized():
 
 
 def _nepenthe_sites_chosen(per_rank_batch: int) -> list:
-    from easier_ext.data import make_loader
+    from easier_ext.app.data import make_loader
 
     train = make_loader(tiny_data(48, 0), per_rank_batch, train=True, seed=0)
     val = make_loader(tiny_data(24, 1), 12, train=False)

@@ -1,4 +1,4 @@
-"""easier_ext.report on hand-written run directories: loading, the heatmap data, the PNGs and the
+"""easier_ext.app.report on hand-written run directories: loading, the heatmap data, the PNGs and the
 Markdown (numbers, links, incomplete runs, NEPENTHE sparsity)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from easier_ext.report import (
+from easier_ext.app.report import (
     entropy_matrix,
     load_run,
     plot_accuracy,

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from easier_ext import rundir
-from easier_ext.rundir import RunDir, RunDirError, atomic_write
+from easier_ext.core.files import atomic_write
+from easier_ext.methods.rundir import RunDir, RunDirError
 
 CONFIG = {"model": "tiny", "budget": 1.0}
 
@@ -22,7 +23,7 @@ def hold_lock_in_subprocess(path, *, then="sleep"):
     """A process that opens the run directory and sleeps (to be killed), or exits at once."""
     code = textwrap.dedent(f"""
         import sys, time
-        from easier_ext.rundir import RunDir
+        from easier_ext.methods.rundir import RunDir
         d = RunDir({str(path)!r}, {CONFIG!r}, resume=True)
         print("held", flush=True)
         if {then!r} == "sleep":
@@ -83,7 +84,7 @@ def test_the_lock_names_its_holder_and_a_killed_holder_leaves_no_lock(tmp_path):
     with RunDir(path, CONFIG, resume=True):  # the kernel released the killed process's lock
         # while this process holds it, another process is refused, and this one may open it again
         RunDir(path, CONFIG, resume=True).close()
-        code = f"from easier_ext.rundir import RunDir; RunDir({str(path)!r}, {CONFIG!r}, resume=True)"
+        code = f"from easier_ext.methods.rundir import RunDir; RunDir({str(path)!r}, {CONFIG!r}, resume=True)"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode != 0 and f"in use by process {os.getpid()}" in done.stderr
     hold_lock_in_subprocess(path, then="exit").wait()  # released by close(): free again

@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, Subset, TensorDataset
 
 from easier_ext import train as train_mod
-from easier_ext.modules import EntropyPReLU
-from easier_ext.train import NonFiniteLossError, Recipe, evaluate, finetune, make_optimizer, make_scheduler
+from easier_ext.core.modules import EntropyPReLU
+from easier_ext.methods.train import NonFiniteLossError, Recipe, evaluate, finetune, make_optimizer, make_scheduler
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import argparse
 import errno
 import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -254,7 +253,7 @@ def _init_distributed(device: torch.device) -> None:
 
 
 def _load_data(args):
-    from easier_ext.data import load_dataset, make_loader
+    from easier_ext.app.data import load_dataset, make_loader
 
     size = args.image_size if args.image_size is not None else DEFAULT_IMAGE_SIZE.get(args.dataset)
     train, val, classes = load_dataset(args.dataset, args.data_root, image_size=size, download=args.download, seed=args.seed)
@@ -264,7 +263,7 @@ def _load_data(args):
 
 
 def _build_model(args, num_classes: int) -> nn.Module:
-    from easier_ext.models import build_model
+    from easier_ext.app.models import build_model
 
     small = args.small_input if args.small_input is not None else args.dataset in SMALL_INPUT_DATASETS
     if ":" in args.model and args.model.split(":")[0].endswith(".py"):
@@ -394,11 +393,11 @@ def _check_run_options(args) -> dict:
 
 
 def _run(args) -> int:
-    from easier_ext.convert import sites
-    from easier_ext.easier import EASIER
-    from easier_ext.nepenthe import NEPENTHE
-    from easier_ext.rundir import is_main_process, seed_everything
-    from easier_ext.train import NonFiniteLossError, Recipe, finetune
+    from easier_ext.core.sites import sites
+    from easier_ext.methods.easier import EASIER
+    from easier_ext.methods.nepenthe import NEPENTHE
+    from easier_ext.methods.rundir import is_main_process, seed_everything
+    from easier_ext.methods.train import NonFiniteLossError, Recipe, finetune
 
     given = _check_run_options(args)
     args.run_dir = args.run_dir or Path("runs") / args.method
@@ -450,7 +449,7 @@ def _run(args) -> int:
         if is_main_process():
             print(_summary_table(result, len(sites(schedule.model)), result.example_images))
             try:
-                from easier_ext.report import write_report
+                from easier_ext.app.report import write_report
 
                 print(f"report: {write_report(args.run_dir)}")
             except ImportError:
@@ -494,8 +493,8 @@ def _summary_table(result, total_sites: int, images: int) -> str:
 
 
 def _measure(args) -> int:
-    from easier_ext.convert import convert
-    from easier_ext.measure import measure_entropy
+    from easier_ext.surgery.convert import convert
+    from easier_ext.surgery.measure import measure_entropy
 
     _check_numbers(args)
     device = _device(args.device)
@@ -515,14 +514,14 @@ def _measure(args) -> int:
 
 
 def _fold(args) -> int:
-    from easier_ext.costs import compare, compare_latency, cost
-    from easier_ext.fold import fold
-    from easier_ext.rundir import atomic_write
+    from easier_ext.surgery.costs import compare, compare_latency, cost
+    from easier_ext.surgery.fold import fold
+    from easier_ext.core.files import atomic_write
 
     if args.backend == "onnxruntime":
-        from easier_ext.export import ONNX_REQUIREMENTS, _require
+        from easier_ext.surgery.export import require_onnx
 
-        _require(*ONNX_REQUIREMENTS)  # before any work
+        require_onnx()  # before any work
     _check_shape(args.input_shape)
     model = _load_model(args.checkpoint, "a run's checkpoints/NNN.pt or final_linearized.pt")
     x = _example_input(model, args.input_shape)
@@ -577,12 +576,12 @@ def _example_input(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
 def _export(args) -> int:
     import json
 
-    from easier_ext.export import ONNX_REQUIREMENTS, _require, export_onnx, export_program
+    from easier_ext.surgery.export import export_onnx, export_program, require_onnx
 
     if args.onnx is None and args.pt2 is None:
         raise ValueError("say what to write: --onnx FILE, --pt2 FILE, or both")
     if args.onnx is not None:
-        _require(*ONNX_REQUIREMENTS)  # before any work
+        require_onnx()  # before any work
     shape = args.input_shape
     _check_shape(shape)
     if not args.source.exists():
@@ -615,7 +614,7 @@ def _export(args) -> int:
 
 
 def _report(args) -> int:
-    from easier_ext.report import write_report
+    from easier_ext.app.report import write_report
 
     print(write_report(args.run_dir))
     return 0

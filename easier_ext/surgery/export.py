@@ -3,7 +3,7 @@
 
 Example::
 
-    from easier_ext.export import export_onnx, export_program
+    from easier_ext.surgery.export import export_onnx, export_program
 
     folded = torch.load("runs/easier/final_folded.pt", weights_only=False)
     x = torch.randn(1, 3, 32, 32)
@@ -16,7 +16,7 @@ from a copy: the model given is left as it was. A model may still hold easier_ex
 (:class:`easier_ext.EntropyActivation`): each is exported as its torch module (``to_torch()``:
 ``nn.ReLU``, ..., ``nn.Identity`` once linearized) and a site linearized with a per-neuron
 multiplier as that multiplication, so an exported file never needs easier_ext (nor its custom
-ops). Folding first (:func:`easier_ext.fold`, or a run's ``final_folded.pt``) is still what makes
+ops). Folding first (:func:`easier_ext.surgery.fold`, or a run's ``final_folded.pt``) is still what makes
 the exported model shallower: export does not merge layers.
 """
 
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from easier_ext.modules import EntropyActivation
-from easier_ext.rundir import atomic_write
+from easier_ext.core.modules import EntropyActivation
+from easier_ext.core.files import atomic_write
 
 __all__ = ["ExportError", "ExportMismatchError", "Exported", "MissingDependencyError", "export_onnx", "export_program"]
 
@@ -122,7 +122,7 @@ def export_onnx(
         ExportMismatchError: the outputs differ beyond the tolerance (the message gives the
             largest difference); nothing is written then.
     """
-    _require(*ONNX_REQUIREMENTS)
+    require_onnx()
     _check_tolerances(rtol, atol)
     plain, args = _prepare(model, example_input)
     data = _onnx_bytes(plain, args, dynamic_batch)
@@ -193,7 +193,7 @@ def _write_checked(path, data: bytes, format: str, what: str, run: Callable[[], 
     return Exported(path, format, difference, dynamic_batch)
 
 
-# -- the ONNX Runtime backend of easier_ext.costs ---------------------------------------------
+# -- the ONNX Runtime backend of easier_ext.surgery.costs ---------------------------------------------
 
 
 def onnxruntime_runner(model: nn.Module, example_input: Any, *, threads: int | None = None) -> Callable[[], Any]:
@@ -215,7 +215,7 @@ def onnxruntime_runner(model: nn.Module, example_input: Any, *, threads: int | N
     Raises:
         as :func:`export_onnx`.
     """
-    _require(*ONNX_REQUIREMENTS)
+    require_onnx()
     plain, args = _prepare(model, example_input)
     session = _session(_onnx_bytes(plain, args, dynamic_batch=False), threads=threads or torch.get_num_threads())
     _compare("ONNX Runtime", _run_session(session, args), _reference(plain, args), _ONNX_RTOL, _ONNX_ATOL)
@@ -226,8 +226,13 @@ def onnxruntime_runner(model: nn.Module, example_input: Any, *, threads: int | N
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _require(*names: str) -> None:
-    """Imports the optional packages, or says in one line how to install them."""
+def require_onnx() -> None:
+    """Imports the optional ONNX packages (:data:`ONNX_REQUIREMENTS`).
+
+    Raises:
+        MissingDependencyError: naming the missing or broken ones and how to install them.
+    """
+    names = ONNX_REQUIREMENTS
     missing, broken = [], []
     for name in names:
         try:

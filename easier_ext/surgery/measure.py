@@ -12,9 +12,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from easier_ext.convert import sites as list_sites
-from easier_ext.entropy import AGGREGATES, binary_entropy, layer_entropy
-from easier_ext.modules import EntropyActivation
+from easier_ext.core.sites import sites as list_sites
+from easier_ext.core.entropy import AGGREGATES, binary_entropy, layer_entropy
+from easier_ext.core.modules import EntropyActivation
 
 __all__ = ["SiteEntropy", "measure_entropy", "ESTIMATORS"]
 
@@ -78,7 +78,7 @@ def measure_entropy(
     naming it, and so a schedule never linearizes it.
 
     Args:
-        model: a converted model (see :func:`easier_ext.convert`), or a DDP wrapper of one.
+        model: a converted model (see :func:`easier_ext.surgery.convert`), or a DDP wrapper of one.
         loader: iterable of batches: a tensor, or a tuple/list whose first item is the input,
             or a dict with an ``"input"`` key.
         max_batches: stop after this many batches (per rank).
@@ -107,7 +107,7 @@ def measure_entropy(
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     found = {n: s for n, s in list_sites(net).items() if not s.linearized}
     if not found:
-        raise ValueError(f"{type(net).__name__} has no sites left to measure (none, or all linearized); call easier_ext.convert(model) first")
+        raise ValueError(f"{type(net).__name__} has no sites left to measure (none, or all linearized); call easier_ext.surgery.convert(model) first")
     device = torch.device(device) if device is not None else _model_device(net)
 
     reference = _ReferenceEstimator(found) if estimator == "easier_reference" else None

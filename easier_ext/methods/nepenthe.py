@@ -10,18 +10,19 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from easier_ext.convert import convert, sites
-from easier_ext.linearize import linearize, move_padding
-from easier_ext.pruning import (
+from easier_ext.core.sites import sites
+from easier_ext.surgery.convert import convert
+from easier_ext.surgery.linearize import linearize, move_padding
+from easier_ext.methods.pruning import (
     ALLOCATIONS, PRUNABLE, Paths, bake_pruning, bypassed_sites, feeding_layers, guarded_capacity, irrelevance, prune_magnitude,
     sparsity, split_budget, weight,
 )
-from easier_ext.schedule import Schedule, ScheduleResult
-from easier_ext.train import _is_real
+from easier_ext.methods.schedule import Schedule, ScheduleResult
+from easier_ext.core.checks import is_real
 
 __all__ = ["NEPENTHE", "NepentheResult"]
 
-#: What :meth:`NEPENTHE.run` returns (see :class:`easier_ext.schedule.ScheduleResult`;
+#: What :meth:`NEPENTHE.run` returns (see :class:`easier_ext.methods.schedule.ScheduleResult`;
 #: ``sparsity`` is set).
 NepentheResult = ScheduleResult
 
@@ -39,7 +40,7 @@ class NEPENTHE(Schedule):
     what it holds (the rest shared again), as in the reference code: on a plain chain (VGG,
     MobileNetV2's non-residual blocks) that empties a layer on the only path and the output
     becomes constant. With ``"guarded"`` (the default) only bypassed sites (see
-    :func:`easier_ext.pruning.bypassed_sites`: a residual sum goes around their branch, which
+    :func:`easier_ext.methods.pruning.bypassed_sites`: a residual sum goes around their branch, which
     then folds away whole) may be emptied, one per iteration (the least irrelevant); any other
     site loses at most ``layer_cap`` of its remaining weights per iteration and never the last
     weight of a neuron; what they cannot take is shared among the others (and left unpruned when
@@ -49,7 +50,7 @@ class NEPENTHE(Schedule):
     neurons are always OFF; for ReLU6 the upper clamp is dropped, as in the paper), as is every
     site whose output no longer reaches the model's (it only fed emptied layers); replaced sites
     are no longer pruned. The padding of conv chains that now pay to merge across replaced sites
-    moves to the chain's first conv (as :func:`easier_ext.linearize` does for EASIER), so that
+    moves to the chain's first conv (as :func:`easier_ext.surgery.linearize` does for EASIER), so that
     folding them is exact; the model is evaluated as it is then. It stops as
     :class:`easier_ext.EASIER` does (budget with patience, no site left, ``max_iterations``), or
     when nothing is left to prune. The best model within the budget (most sites linearized, then
@@ -59,10 +60,10 @@ class NEPENTHE(Schedule):
     Args:
         model: a trained model (converted here when it has no sites yet; not modified); torch.fx
             must be able to trace it (the layers feeding each site are found from its graph).
-        train_loader, val_loader, example_input: see :class:`easier_ext.schedule.Schedule`.
+        train_loader, val_loader, example_input: see :class:`easier_ext.methods.schedule.Schedule`.
         zeta: the fraction of the remaining nonzero eligible weights pruned per iteration, in
             ``(0, 1]`` (the paper's default 0.5: sparsity ``1 - 0.5^i`` after ``i`` iterations).
-        allocation: one of :data:`easier_ext.pruning.ALLOCATIONS`: ``"guarded"`` (default) or
+        allocation: one of :data:`easier_ext.methods.pruning.ALLOCATIONS`: ``"guarded"`` (default) or
             ``"reference"`` (the paper's split; see above).
         layer_cap: ``"guarded"``: the largest fraction of a non-emptied site's remaining
             weights one iteration prunes, in ``(0, 1]`` (0.1, measured on the digits with one
@@ -71,7 +72,7 @@ class NEPENTHE(Schedule):
             none within 1 point; with 0.1, 3 and 2, see benchmarks/README.md).
         temperature: ``T > 0`` dividing the split's softmax logits (1 in the reference code;
             larger spreads the pruning over more sites).
-        **options: the options every schedule takes (see :class:`easier_ext.schedule.Schedule`):
+        **options: the options every schedule takes (see :class:`easier_ext.methods.schedule.Schedule`):
             ``budget`` (top-1 points, default 1), ``recipe``, ``train_fn``, ``protect`` (sites
             neither pruned nor linearized), ``aggregate`` (default ``"nepenthe"``),
             ``measure_batches``, ``measure_train_mode`` (default False: eval mode),
@@ -100,13 +101,13 @@ class NEPENTHE(Schedule):
         temperature: float = 1.0,
         **options,
     ) -> None:
-        if not _is_real(zeta) or not 0 < zeta <= 1:
+        if not is_real(zeta) or not 0 < zeta <= 1:
             raise ValueError(f"zeta must be the fraction of remaining weights pruned per iteration, in (0, 1], got {zeta!r}")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {allocation!r}; expected one of {ALLOCATIONS}")
-        if not _is_real(layer_cap) or not 0 < layer_cap <= 1:
+        if not is_real(layer_cap) or not 0 < layer_cap <= 1:
             raise ValueError(f"layer_cap must be the fraction of a site's remaining weights pruned per iteration, in (0, 1], got {layer_cap!r}")
-        if not _is_real(temperature) or not 0 < temperature < math.inf:
+        if not is_real(temperature) or not 0 < temperature < math.inf:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.zeta, self.allocation, self.layer_cap, self.temperature = float(zeta), allocation, float(layer_cap), float(temperature)
         options.setdefault("aggregate", "nepenthe")
@@ -210,7 +211,7 @@ def _constant_input_scales(model: nn.Module, paths: Paths, names: list[str], exa
     """For the sites among ``names`` whose input does not depend on the model's input (their
     feeding layers were emptied), the per-neuron multiplier that reproduces the activation of that
     constant exactly: ``act(c) / c`` (1 where ``c`` is 0). The constant-scale rule of
-    :func:`easier_ext.linearize` would drop GELU's curvature and ReLU6's clamp, and so change what
+    :func:`easier_ext.surgery.linearize` would drop GELU's curvature and ReLU6's clamp, and so change what
     an emptied branch adds."""
     modules = dict(model.named_modules())
     dependent = {n.target for n in paths.input_dependent() if n.op == "call_module"}

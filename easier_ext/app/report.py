@@ -1,6 +1,6 @@
 """Report of a run directory: PNG plots and a Markdown summary.
 
-A run directory (see :class:`easier_ext.rundir.RunDir`) holds ``config.json``, one
+A run directory (see :class:`easier_ext.methods.rundir.RunDir`) holds ``config.json``, one
 ``iterations/NNN.json`` log per iteration and, once the run has finished, ``summary.json``.
 :func:`write_report` renders everything applicable into ``plots/*.png`` and ``report.md``; the
 ``plot_*`` functions and the pure helpers (:func:`load_run`, :func:`entropy_matrix`,
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from easier_ext.costs import LatencyComparison, format_seconds
-from easier_ext.rundir import atomic_write
+from easier_ext.surgery.costs import LatencyComparison, format_seconds
+from easier_ext.core.files import atomic_write
 
 __all__ = [
     "entropy_matrix",
@@ -285,7 +285,7 @@ def _figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("easier_ext.report needs matplotlib for its plots: pip install matplotlib") from e
+        raise ImportError("easier_ext.app.report needs matplotlib for its plots: pip install matplotlib") from e
     return Figure(figsize=(width, height), layout="constrained")
 
 

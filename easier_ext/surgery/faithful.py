@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from easier_ext._tracing import ShallowTracer
+from easier_ext.surgery.tracing import ShallowTracer
 
 __all__ = [
     "OWNER", "INDEX", "Unfaithful", "faithful_trace", "optional_parameters", "CallerTracer", "Invocation", "specialization",

@@ -11,9 +11,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from easier_ext.modules import _SUBCLASS_FOR, EntropyActivation
+from easier_ext.core.modules import _SUBCLASS_FOR, EntropyActivation
 
-#: torch.nn rectifier modules that :func:`easier_ext.convert` replaces.
+#: torch.nn rectifier modules that :func:`easier_ext.surgery.convert` replaces.
 RECTIFIER_MODULES = tuple(_SUBCLASS_FOR)
 
 

@@ -14,13 +14,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from easier_ext.convert import convert, sites
-from easier_ext.costs import Cost, LatencyComparison, compare_latency, cost
-from easier_ext.entropy import AGGREGATES
-from easier_ext.fold import fold
-from easier_ext.measure import measure_entropy
-from easier_ext.rundir import RunDir, rng_state, seed_everything, set_rng_state
-from easier_ext.train import NonFiniteLossError, Recipe, _is_real, evaluate, finetune
+from easier_ext.core.sites import sites
+from easier_ext.surgery.convert import convert
+from easier_ext.surgery.costs import Cost, LatencyComparison, compare_latency, cost
+from easier_ext.core.entropy import AGGREGATES
+from easier_ext.surgery.fold import fold
+from easier_ext.surgery.measure import measure_entropy
+from easier_ext.methods.rundir import RunDir, rng_state, seed_everything, set_rng_state
+from easier_ext.core.checks import is_real
+from easier_ext.methods.train import NonFiniteLossError, Recipe, evaluate, finetune
 
 __all__ = ["Schedule", "ScheduleResult", "summary"]
 
@@ -84,7 +86,7 @@ class Schedule:
         val_loader: batches of ``(input, target)`` for the accuracy.
         example_input: one input batch for folding and for costs (a small batch keeps it quick).
         budget: the largest accepted drop in top-1 points, in ``[0, 100]``.
-        recipe: the finetune recipe (:class:`easier_ext.train.Recipe`); ignored with ``train_fn``.
+        recipe: the finetune recipe (:class:`easier_ext.methods.train.Recipe`); ignored with ``train_fn``.
         train_fn: your own finetune: ``train_fn(model, train_loader)``, called in place of ours.
         protect: sites never changed.
         aggregate: the layer entropy, ``"easier"`` or ``"nepenthe"``.
@@ -96,7 +98,7 @@ class Schedule:
             finetune can win accuracy back (the papers run to the end and pick the operating point
             afterwards); the returned model is still the best within the budget.
         run_dir: where logs, checkpoints and the final model go (None: nowhere, no resume). Its
-            ``config.json`` is written and its lock taken here (see :class:`easier_ext.rundir.RunDir`);
+            ``config.json`` is written and its lock taken here (see :class:`easier_ext.methods.rundir.RunDir`);
             :meth:`close` or the end of the process releases the lock.
         resume: continue the run ``run_dir`` holds (a new or empty folder starts one).
         config: extra JSON-able settings that identify the run (e.g. the CLI's model and data).
@@ -109,7 +111,7 @@ class Schedule:
 
     Raises:
         ValueError: a bad ``budget``, ``aggregate``, ``max_iterations`` or ``patience``; a run
-            directory of another configuration (:class:`easier_ext.rundir.RunDirError`).
+            directory of another configuration (:class:`easier_ext.methods.rundir.RunDirError`).
         KeyError: an unknown site in ``protect``.
     """
 
@@ -141,7 +143,7 @@ class Schedule:
         progress: bool = True,
         settings: Optional[dict] = None,
     ) -> None:
-        if not _is_real(budget) or not 0 <= budget <= 100:
+        if not is_real(budget) or not 0 <= budget <= 100:
             raise ValueError(f"budget must be a drop in top-1 points in [0, 100], got {budget!r}")
         if aggregate not in AGGREGATES:
             raise ValueError(f"unknown entropy aggregate {aggregate!r}; expected one of {AGGREGATES}")

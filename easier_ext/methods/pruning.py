@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from easier_ext._tracing import is_stochastic_depth, trace_model
-from easier_ext.modules import EntropyActivation
+from easier_ext.surgery.tracing import is_stochastic_depth, trace_model
+from easier_ext.core.modules import EntropyActivation
+from easier_ext.surgery.masks import DetachMaskedWeight, bake_pruning
 
 __all__ = [
     "ALLOCATIONS",
@@ -55,7 +56,7 @@ def feeding_layers(model: nn.Module) -> dict[str, list[str]]:
     to the first in execution order, so every layer belongs to one site at most.
 
     Args:
-        model: a converted model (see :func:`easier_ext.convert`), traceable by torch.fx.
+        model: a converted model (see :func:`easier_ext.surgery.convert`), traceable by torch.fx.
 
     Returns:
         ``{site name: [layer qualified names]}`` in execution order, every site present (an empty
@@ -223,7 +224,7 @@ def bypassed_sites(model: nn.Module, feeds: Mapping[str, Sequence[str]] | None =
     """Which sites' feeding layers are bypassed: emptying them leaves the model's output
     depending on its input (a residual sum after them has another input that does not pass
     through them), and turns their branch into a constant added to that sum, which
-    :func:`easier_ext.fold` removes whole (see :meth:`Paths.collapses`).
+    :func:`easier_ext.surgery.fold` removes whole (see :meth:`Paths.collapses`).
 
     A ResNet block's second site (fed by its second conv) and a MobileNetV2 or Swin residual
     block's depthwise / MLP sites are bypassed; a plain chain's (VGG) are not, nor a ResNet
@@ -365,8 +366,8 @@ def prune_magnitude(model: nn.Module, layers: Sequence[str], amount: int, *, kee
         importance_scores={(m, "weight"): s for m, s in zip(modules, scores)},
     )
     for m in modules:
-        if not any(isinstance(h, _DetachMaskedWeight) for h in m._forward_hooks.values()):
-            m.register_forward_hook(_DetachMaskedWeight())
+        if not any(isinstance(h, DetachMaskedWeight) for h in m._forward_hooks.values()):
+            m.register_forward_hook(DetachMaskedWeight())
         m.weight = m.weight.detach()
 
 
@@ -395,19 +396,6 @@ def guarded_capacity(weights: Sequence[torch.Tensor], fraction: float) -> int:
     return min(math.floor(fraction * nonzero), nonzero - live)
 
 
-class _DetachMaskedWeight:
-    """Forward hook of a pruned layer: leaves a detached ``weight`` after each call.
-
-    ``torch.nn.utils.prune`` recomputes ``weight = weight_orig * weight_mask`` before each forward
-    and leaves it on the module, with its autograd history after a training step: such a
-    non-leaf tensor makes ``copy.deepcopy`` and ``torch.save`` of the model fail. The forward's
-    graph keeps its own reference, so backward is unaffected.
-    """
-
-    def __call__(self, module: nn.Module, inputs, output) -> None:
-        module.weight = module.weight.detach()
-
-
 def sparsity(model: nn.Module, layers: Sequence[str]) -> tuple[float, dict[str, float]]:
     """The fraction of zero weights over ``layers`` together, and in each.
 
@@ -421,20 +409,3 @@ def sparsity(model: nn.Module, layers: Sequence[str]) -> tuple[float, dict[str, 
         per_layer[name] = z / w.numel() if w.numel() else 0.0
         zeros, size = zeros + z, size + w.numel()
     return (zeros / size if size else 0.0), per_layer
-
-
-def bake_pruning(model: nn.Module) -> nn.Module:
-    """Makes the pruning of every pruned layer permanent, in place: ``weight`` becomes a plain
-    parameter holding the masked values (zeros stay), and the mask and hook go.
-
-    Returns:
-        ``model``.
-    """
-    for m in model.modules():
-        for hook in list(m._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(m, hook._tensor_name)
-        for key, hook in list(m._forward_hooks.items()):
-            if isinstance(hook, _DetachMaskedWeight):
-                del m._forward_hooks[key]
-    return model

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from easier_ext import ops
-from easier_ext.entropy import binary_entropy, layer_entropy
+from easier_ext.core import ops
+from easier_ext.core.entropy import binary_entropy, layer_entropy
 
 __all__ = [
     "EntropyActivation",
@@ -43,7 +43,7 @@ class EntropyActivation(nn.Module):
         track: count while running (the fused kernel); when off, torch's own functional runs.
     """
 
-    #: the op's name for this activation (see :data:`easier_ext.ops.ACTIVATIONS`)
+    #: the op's name for this activation (see :data:`easier_ext.core.ops.ACTIVATIONS`)
     activation: str = ""
     #: the torch.nn module this class replaces
     torch_module: type = nn.Module
@@ -66,7 +66,7 @@ class EntropyActivation(nn.Module):
 
     # -- what subclasses define ------------------------------------------------------------
     def _op_args(self) -> dict:
-        """Keyword arguments of :func:`easier_ext.ops.rectify_count` for this activation."""
+        """Keyword arguments of :func:`easier_ext.core.ops.rectify_count` for this activation."""
         return {}
 
     def _torch_forward(self, input: Tensor) -> Tensor:
@@ -84,14 +84,14 @@ class EntropyActivation(nn.Module):
 
         Raises:
             ValueError: for a site linearized with a per-neuron multiplier, which no single torch
-                module expresses; :func:`easier_ext.fold` folds it into the neighbouring layers.
+                module expresses; :func:`easier_ext.surgery.fold` folds it into the neighbouring layers.
         """
         if not self.linearized:
             return self._torch_module()
         if self.linear_scale is not None:
             raise ValueError(
                 f"{type(self).__name__} was linearized with a per-neuron multiplier, which has no torch.nn module; "
-                "use easier_ext.fold(model, example_input) to fold it into the neighbouring layers"
+                "use easier_ext.surgery.fold(model, example_input) to fold it into the neighbouring layers"
             )
         return nn.Identity()
 

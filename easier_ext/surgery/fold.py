@@ -17,11 +17,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from easier_ext._tracing import FoldTracer, is_stochastic_depth, trace_model
-from easier_ext.chains import find_chains, own_macs, plan_segments
-from easier_ext.merge import add_convs, compose_convs, compose_linears
-from easier_ext.modules import EntropyActivation
-from easier_ext.pruning import bake_pruning
+from easier_ext.surgery.tracing import FoldTracer, is_stochastic_depth, trace_model
+from easier_ext.surgery.chains import find_chains, own_macs, plan_segments
+from easier_ext.surgery.merge import add_convs, compose_convs, compose_linears
+from easier_ext.core.modules import EntropyActivation
+from easier_ext.surgery.masks import bake_pruning
 
 __all__ = ["FOLD_COSTS", "fold"]
 
@@ -98,7 +98,7 @@ def fold(model: nn.Module, example_input: Any, *, cost: str = "macs", verify: bo
       (LayerScale) become one layer.
     - chains of convs (or linears) with nothing between them are cut into runs, each merged into
       one layer, choosing the runs with the least cost (``cost``). Runs whose inner convs pad
-      their input are not merged, since that is not exact: :func:`easier_ext.linearize` moves
+      their input are not merged, since that is not exact: :func:`easier_ext.surgery.linearize` moves
       padding to the chain's first conv for that; a warning names the chains left unmerged
       because of it.
     - a conv or linear whose weights are all zero (emptied by pruning) outputs its bias, a constant

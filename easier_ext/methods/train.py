@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
@@ -27,7 +26,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from easier_ext.modules import EntropyActivation
+from easier_ext.core.checks import is_real
+from easier_ext.core.modules import EntropyActivation
 
 __all__ = [
     "OPTIMIZERS",
@@ -98,15 +98,15 @@ class Recipe:
         if isinstance(self.milestones, (list, tuple)):
             self.milestones = tuple(self.milestones)
         _check("epochs", self.epochs, _is_int(self.epochs) and self.epochs >= 1, "an int >= 1")
-        _check("lr", self.lr, _is_real(self.lr) and self.lr > 0, "a finite number > 0")
+        _check("lr", self.lr, is_real(self.lr) and self.lr > 0, "a finite number > 0")
         _check("optimizer", self.optimizer, self.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
-        _check("momentum", self.momentum, _is_real(self.momentum) and 0 <= self.momentum < 1, "a number in [0, 1)")
-        _check("weight_decay", self.weight_decay, _is_real(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0")
+        _check("momentum", self.momentum, is_real(self.momentum) and 0 <= self.momentum < 1, "a number in [0, 1)")
+        _check("weight_decay", self.weight_decay, is_real(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0")
         _check("schedule", self.schedule, self.schedule in SCHEDULES, f"one of {SCHEDULES}")
         _check("milestones", self.milestones, _valid_milestones(self.milestones), "a tuple of strictly increasing fractions in (0, 1]")
-        _check("gamma", self.gamma, _is_real(self.gamma) and 0 < self.gamma <= 1, "a number in (0, 1]")
+        _check("gamma", self.gamma, is_real(self.gamma) and 0 < self.gamma <= 1, "a number in (0, 1]")
         smoothing = self.label_smoothing
-        _check("label_smoothing", smoothing, _is_real(smoothing) and 0 <= smoothing < 1, "a number in [0, 1)")
+        _check("label_smoothing", smoothing, is_real(smoothing) and 0 <= smoothing < 1, "a number in [0, 1)")
         _check("amp", self.amp, isinstance(self.amp, bool), "a bool")
         cap = self.max_batches
         _check("max_batches", cap, cap is None or (_is_int(cap) and cap >= 1), "None or an int >= 1")
@@ -132,12 +132,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _valid_milestones(milestones: Any) -> bool:
-    if not isinstance(milestones, tuple) or not all(_is_real(f) and 0 < f <= 1 for f in milestones):
+    if not isinstance(milestones, tuple) or not all(is_real(f) and 0 < f <= 1 for f in milestones):
         return False
     return all(a < b for a, b in zip(milestones, milestones[1:]))
 
@@ -213,7 +209,7 @@ def _constant(step: int) -> float:
 
 def _require_recipe(recipe: Any) -> None:
     if not isinstance(recipe, Recipe):
-        raise TypeError(f"expected an easier_ext.train.Recipe, got {type(recipe).__name__}")
+        raise TypeError(f"expected an easier_ext.methods.train.Recipe, got {type(recipe).__name__}")
 
 
 # -- finetuning ----------------------------------------------------------------------------------

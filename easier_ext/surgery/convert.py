@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch.fx as fx
 from torch import nn
 
-from easier_ext._faithful import (
+from easier_ext.surgery.faithful import (
     OWNER,
     CallerTracer,
     SpecializingTracer,
@@ -23,7 +23,7 @@ from easier_ext._faithful import (
     optional_parameters,
     specialization,
 )
-from easier_ext._tracing import (
+from easier_ext.surgery.tracing import (
     FUNCTIONAL_RECTIFIERS,
     METHOD_RECTIFIERS,
     RECTIFIER_MODULES,
@@ -33,9 +33,10 @@ from easier_ext._tracing import (
     module_from_call,
     rectifier_spec,
 )
-from easier_ext.modules import EntropyActivation
+from easier_ext.core.modules import EntropyActivation
+from easier_ext.core.sites import site, sites
 
-__all__ = ["convert", "sites", "site", "UntraceableSiteError"]
+__all__ = ["convert", "UntraceableSiteError"]
 
 ChannelDim = Union[int, Mapping[str, int], None]
 
@@ -148,35 +149,6 @@ def _passed_over(model: nn.Module) -> str:
     parts = [f"{len(names)} {kind} module{'s' * (len(names) > 1)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
              for kind, names in found.items()]
     return f"{' and '.join(parts)}, which easier_ext has no site for" if parts else ""
-
-
-def sites(model: nn.Module) -> dict[str, EntropyActivation]:
-    """The entropy-tracking sites of a converted model, in forward-execution order.
-
-    Args:
-        model: a model returned by :func:`convert` (or any model holding easier_ext sites).
-
-    Returns:
-        ``{name: module}``; names are the modules' qualified names (stable across runs and
-        processes), e.g. ``"layer1.0.relu"``, ``"layer1.0.relu_1"``.
-    """
-    return {name: m for name, m in model.named_modules() if isinstance(m, EntropyActivation)}
-
-
-def site(model: nn.Module, name: str) -> EntropyActivation:
-    """One site by name.
-
-    Raises:
-        KeyError: naming the closest known sites when ``name`` is not one.
-    """
-    found = sites(model)
-    if name in found:
-        return found[name]
-    import difflib
-
-    close = difflib.get_close_matches(name, list(found), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f"; the model has {len(found)} sites: {', '.join(found) or 'none (call easier_ext.convert first)'}"
-    raise KeyError(f"unknown site {name!r}{hint}")
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from easier_ext.merge import composed_macs
+from easier_ext.surgery.merge import composed_macs
 
 __all__ = ["Chain", "find_chains", "plan_segments", "intermediate_padding_is_zero"]
 

@@ -30,7 +30,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from easier_ext.modules import EntropyActivation
+from easier_ext.core.modules import EntropyActivation
 
 __all__ = ["BACKENDS", "Cost", "LatencyComparison", "compare", "compare_latency", "cost"]
 
@@ -239,9 +239,9 @@ def cost(
             :data:`BACKENDS`, or the model has parameters that are not initialized yet (lazy
             modules).
         RuntimeError: the model cannot be traced with ``make_fx``.
-        easier_ext.export.MissingDependencyError: ``backend="onnxruntime"`` without onnx,
+        easier_ext.surgery.export.MissingDependencyError: ``backend="onnxruntime"`` without onnx,
             onnxscript or onnxruntime installed.
-        easier_ext.export.ExportError: ``backend="onnxruntime"`` and the model cannot be
+        easier_ext.surgery.export.ExportError: ``backend="onnxruntime"`` and the model cannot be
             exported to ONNX, or its ONNX outputs differ from PyTorch's.
     """
     if not isinstance(model, nn.Module):
@@ -320,7 +320,7 @@ def compare_latency(before: nn.Module, after: nn.Module, example_input: Any, *, 
     Raises:
         ValueError: ``rounds`` below 4, ``threads`` not positive, or ``backend`` not one of
             :data:`BACKENDS`.
-        easier_ext.export.MissingDependencyError, easier_ext.export.ExportError: as :func:`cost`
+        easier_ext.surgery.export.MissingDependencyError, easier_ext.surgery.export.ExportError: as :func:`cost`
             with ``backend="onnxruntime"``.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 4:
@@ -556,7 +556,7 @@ def _forward(model: nn.Module, args: tuple, backend: str, threads: int) -> Calla
     """One forward of ``model`` on ``args`` in ``backend``, as a call of no arguments: what the
     timing loops run (the ONNX export happens here, once, before any timing)."""
     if backend == "onnxruntime":
-        from easier_ext.export import onnxruntime_runner
+        from easier_ext.surgery.export import onnxruntime_runner
 
         return onnxruntime_runner(model, args, threads=threads)
     return lambda: model(*args)

@@ -9,14 +9,14 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from easier_ext.convert import sites
-from easier_ext.linearize import linearize, mergeable_layers
-from easier_ext.schedule import Schedule, ScheduleResult
-from easier_ext.train import _is_real
+from easier_ext.core.sites import sites
+from easier_ext.surgery.linearize import linearize, mergeable_layers
+from easier_ext.methods.schedule import Schedule, ScheduleResult
+from easier_ext.core.checks import is_real
 
 __all__ = ["EASIER", "EasierResult"]
 
-#: What :meth:`EASIER.run` returns (see :class:`easier_ext.schedule.ScheduleResult`).
+#: What :meth:`EASIER.run` returns (see :class:`easier_ext.methods.schedule.ScheduleResult`).
 EasierResult = ScheduleResult
 
 
@@ -31,11 +31,11 @@ class EASIER(Schedule):
     budget is folded and returned.
 
     Args:
-        model, train_loader, val_loader, example_input: see :class:`easier_ext.schedule.Schedule`.
+        model, train_loader, val_loader, example_input: see :class:`easier_ext.methods.schedule.Schedule`.
         fold_aware: among sites within ``fold_tolerance`` bits of the lowest entropy, prefer one
             whose removal lets a merge that pays happen.
         fold_tolerance: see ``fold_aware``.
-        **options: the options every schedule takes (see :class:`easier_ext.schedule.Schedule`):
+        **options: the options every schedule takes (see :class:`easier_ext.methods.schedule.Schedule`):
             ``budget`` (top-1 points, default 1), ``recipe``, ``train_fn``, ``protect``,
             ``aggregate`` (default ``"easier"``), ``measure_batches``, ``measure_train_mode``,
             ``max_iterations``, ``patience``, ``run_dir``, ``resume``, ``config``, ``latency``,
@@ -53,7 +53,7 @@ class EASIER(Schedule):
         fold_tolerance: float = 0.02,
         **options,
     ) -> None:
-        if not _is_real(fold_tolerance) or fold_tolerance < 0:
+        if not is_real(fold_tolerance) or fold_tolerance < 0:
             raise ValueError(f"fold_tolerance must be a number of bits >= 0, got {fold_tolerance!r}")
         self.fold_aware, self.fold_tolerance = fold_aware, float(fold_tolerance)
         settings = {"fold_aware": fold_aware, "fold_tolerance": self.fold_tolerance}

@@ -1,0 +1,14 @@
+"""Argument checks shared by the public entry points."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+__all__ = ["is_real"]
+
+
+def is_real(value: Any) -> bool:
+    """A finite real number that is not a bool (``True`` is an int to Python, not a learning rate)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
