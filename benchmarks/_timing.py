@@ -6,37 +6,22 @@ import contextlib
 import gc
 import os
 import platform
-import random
 import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from easier_ext.surgery.latency import timed_rounds
+
 
 def sample_calls(variants, x, device, min_run_time, min_rounds=10):
     """Seconds per call of each variant, one list per variant, measured in rounds of one call of
-    each in a shuffled order, so that every variant sees the same machine state (other load, and
-    the allocator state the previous call leaves, which decides whether a large output is fresh,
-    page-faulting memory or reused memory). Index i of every list is round i."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for fn in variants.values():
-        fn(x)  # warm up (and compile)
-    samples = {k: [] for k in variants}
-    order = list(variants)
-    rng = random.Random(0)
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_run_time * len(variants) or len(samples[order[0]]) < min_rounds:
-        rng.shuffle(order)
-        for k in order:
-            fn = variants[k]
-            sync()
-            t0 = time.perf_counter()
-            fn(x)
-            sync()
-            samples[k].append(time.perf_counter() - t0)
-    return samples
+    each in a shuffled order (:func:`easier_ext.surgery.latency.timed_rounds`, the loop
+    ``compare_latency`` times with), for ``min_run_time`` seconds per variant and ``min_rounds``
+    rounds at least. Index i of every list is round i."""
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    return timed_rounds(variants, (x,), rounds=min_rounds, min_time=min_run_time * len(variants), sync=sync)
 
 
 def time_calls(variants, x, device, min_run_time, min_rounds=10):

@@ -25,9 +25,10 @@ from easier_ext.surgery.costs import Cost, LatencyComparison, compare, compare_l
 from easier_ext.surgery.export import export_onnx, export_program
 from easier_ext.app.models import build_model
 from easier_ext.methods.train import NonFiniteLossError, Recipe, evaluate, finetune
+from easier_ext.methods.options import ScheduleOptions
 from easier_ext.methods.schedule import ScheduleResult
-from easier_ext.methods.easier import EASIER, EasierResult
-from easier_ext.methods.nepenthe import NEPENTHE, NepentheResult
+from easier_ext.methods.easier import EASIER, EasierOptions, EasierResult
+from easier_ext.methods.nepenthe import NEPENTHE, NepentheOptions, NepentheResult
 from easier_ext.methods import pruning
 from easier_ext.core.modules import (
     EntropyActivation,
@@ -56,6 +57,7 @@ __all__ = [
     "Cost",
     "LatencyComparison",
     "EASIER",
+    "EasierOptions",
     "EasierResult",
     "EntropyActivation",
     "EntropyELU",
@@ -80,11 +82,13 @@ __all__ = [
     "measure_entropy",
     "move_padding",
     "NEPENTHE",
+    "NepentheOptions",
     "NepentheResult",
     "NonFiniteLossError",
     "ops",
     "pruning",
     "Recipe",
+    "ScheduleOptions",
     "ScheduleResult",
     "site",
     "SiteEntropy",

@@ -145,11 +145,11 @@ def cli_errors(tmp_path, model_file):
     torch.save({"conv.weight": torch.zeros(1)}, wrong)
     no_cuda = [] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU is available here", 2)]
     return [
-        (["--max-iterations", "0"], "--max-iterations must be >= 1", 2),
-        (["--patience", "-1"], "--patience must be >= 0", 2),
+        (["--max-iterations", "0"], "--max-iterations must be an int >= 1", 2),
+        (["--patience", "-1"], "--patience must be an int >= 0", 2),
         (["--image-size", "0"], "--image-size must be >= 1", 2),
-        (["--measure-batches", "0"], "--measure-batches must be >= 1", 2),
-        (["--measure-batches", "-2"], "--measure-batches must be >= 1", 2),
+        (["--measure-batches", "0"], "--measure-batches must be an int >= 1", 2),
+        (["--measure-batches", "-2"], "--measure-batches must be an int >= 1", 2),
         (["--batch-size", "0"], "--batch-size must be >= 1", 2),
         (["--protect", "nosuchsite"], r"cannot protect unknown sites \['nosuchsite'\]", 2),
         (["--device", "gpu7"], "--device gpu7 is not a device; expected cpu, cuda or cuda:N", 2),
@@ -237,10 +237,10 @@ def test_fold_errors_are_one_line(model_file, tmp_path, capsys):
 
 def test_debug_shows_the_traceback(model_file, tmp_path, monkeypatch, capsys):
     bad = run_args(model_file, tmp_path / "run", "--max-iterations", "0")
-    with pytest.raises(ValueError, match="--max-iterations must be >= 1"):
+    with pytest.raises(ValueError, match="--max-iterations must be an int >= 1"):
         main(bad + ["--debug"])
     monkeypatch.setenv("EASIER_EXT_DEBUG", "1")
-    with pytest.raises(ValueError, match="--max-iterations must be >= 1"):
+    with pytest.raises(ValueError, match="--max-iterations must be an int >= 1"):
         main(bad)
     monkeypatch.setenv("EASIER_EXT_DEBUG", "0")
     assert main(bad) == 2 and capsys.readouterr().err.count("\n") == 1
@@ -271,6 +271,25 @@ def test_help_lists_the_subcommands(capsys):
         assert entry.count("default") <= 1, entry
     flat = " ".join(out.split())
     assert "(default: resnet18)" in flat and "later finetune may recover) (default: 0)" in flat
+
+
+def test_schedule_flags_are_made_from_the_options(capsys):
+    from dataclasses import fields
+
+    from easier_ext.methods.easier import EasierOptions
+    from easier_ext.methods.nepenthe import NepentheOptions
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    packed = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    for options in (EasierOptions, NepentheOptions):
+        for f in fields(options):
+            if f.metadata["cli"]:
+                flag = "--" + f.name.replace("_", "-")
+                assert flag in packed and "".join(f.metadata["help"].split()) in packed, flag
+                if f.metadata["choices"]:
+                    assert f"{flag}{{{','.join(f.metadata['choices'])}}}" in packed, flag
+    assert "(default:easierwith--methodeasier,nepenthewith--methodnepenthe)" in packed  # the aggregate's, per method
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ import torchvision
 from torch import nn
 
 from easier_ext import EntropyReLU
-from easier_ext import costs
+from easier_ext.surgery import macs
 from easier_ext.surgery.costs import Cost, LatencyComparison, compare, compare_latency, cost
+from easier_ext.surgery.latency import timed_rounds
 
 
 def measure(model: nn.Module, example_input) -> Cost:
@@ -164,7 +165,7 @@ def test_torchvision_vit_fast_path_attention_is_counted():
 
 
 def test_an_op_without_a_mac_count_is_named(monkeypatch):
-    monkeypatch.delitem(costs._EXTRA_FLOP_FORMULAS, torch.ops.aten._native_multi_head_attention)
+    monkeypatch.delitem(macs._EXTRA_FLOP_FORMULAS, torch.ops.aten._native_multi_head_attention)
     mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
 
     class SelfAttend(nn.Module):
@@ -375,6 +376,19 @@ def test_compare_latency_pairs_rounds_and_says_when_there_is_no_change():
     assert str(LatencyComparison(1.0, 0.98, 1.02, 0.97, 1.05, 30)) == "no measurable change (0.97-1.05x over the middle half of 30 paired rounds)"
     with pytest.raises(ValueError, match="rounds must be an int >= 4"):
         compare_latency(Sleeps(0), Sleeps(0), x, rounds=3)
+
+
+def test_timed_rounds_warm_up_then_time_one_call_of_each_per_round():
+    log = []
+    calls = {k: (lambda k=k: log.append(k)) for k in "abc"}
+    times = timed_rounds(calls, rounds=5)
+    assert log[:3] == ["a", "b", "c"]  # the warm-up, untimed
+    assert len(log) == 3 + 5 * 3 and all(sorted(log[i:i + 3]) == ["a", "b", "c"] for i in range(3, len(log), 3))
+    assert {k: len(v) for k, v in times.items()} == {"a": 5, "b": 5, "c": 5}
+    # min_time keeps timing rounds after the last one asked for
+    start = time.perf_counter()
+    slept = timed_rounds({"sleep": time.sleep}, (0.002,), rounds=1, min_time=0.05)["sleep"]
+    assert time.perf_counter() - start >= 0.05 and all(s >= 0.002 for s in slept)
 
 
 # -- the model is left as it was -------------------------------------------------------------

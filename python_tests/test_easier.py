@@ -3,6 +3,7 @@ result, refusals, and the CLI end to end on a tiny model."""
 
 import functools
 import json
+import sys
 import warnings
 
 import pytest
@@ -13,8 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import easier_ext as ee
 from testing import on_two_gloo_ranks
 import easier_ext.methods.schedule as schedule_module
-from easier_ext.methods.easier import EASIER
-from easier_ext.methods.nepenthe import NEPENTHE
+from easier_ext.methods.easier import EASIER, EasierOptions
+from easier_ext.methods.nepenthe import NEPENTHE, NepentheOptions
+from easier_ext.methods.options import ScheduleOptions
 from easier_ext.methods.rundir import RunDirError
 from easier_ext.methods.train import NonFiniteLossError, Recipe, finetune
 
@@ -53,9 +55,25 @@ def trained_cnn() -> nn.Module:
 def schedule(model=None, method=EASIER, **kwargs):
     """A quick schedule (``method``: EASIER or NEPENTHE) of the tiny CNN on the tiny data."""
     train, val = loaders()
-    kwargs.setdefault("recipe", Recipe(epochs=1, lr=0.05, amp=False))
-    kwargs.setdefault("budget", 100.0)
-    return method(model or tiny_cnn(), train, val, example_input=torch.randn(2, 3, 6, 6), latency=False, progress=False, **kwargs)
+    if "options" not in kwargs:
+        kwargs = {"recipe": Recipe(epochs=1, lr=0.05, amp=False), "budget": 100.0, "latency": False, "progress": False, **kwargs}
+    return method(model or tiny_cnn(), train, val, example_input=torch.randn(2, 3, 6, 6), **kwargs)
+
+
+def count_calls(monkeypatch, function) -> list:
+    """Counts the calls of ``function`` from every easier_ext module that imported it (so also
+    from code that calls it under another module's name)."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    modules = {id(m): m for name, m in list(sys.modules.items()) if name.startswith("easier_ext") and m is not None}
+    for module in modules.values():
+        for name in [name for name, value in vars(module).items() if value is function]:
+            monkeypatch.setattr(module, name, counted)
+    return calls
 
 
 def test_removes_the_lowest_entropy_site_each_iteration_and_folds():
@@ -264,3 +282,46 @@ def test_chains_the_final_fold_leaves_unmerged_are_in_the_result_not_warnings(tm
     # each iteration's log folds quietly; the final fold's chain goes into the result and summary
     assert result.unmerged == ["not merging 0 -> 3: it would pay, but its inner convs pad their input"]
     assert json.loads((tmp_path / "summary.json").read_text())["unmerged"] == result.unmerged
+
+
+@pytest.mark.parametrize("latency", [False, True])
+def test_each_model_is_folded_and_priced_once(tmp_path, monkeypatch, latency):
+    folds, costs, timings = (count_calls(monkeypatch, f) for f in (ee.fold, ee.cost, ee.compare_latency))
+    result = schedule(max_iterations=2, run_dir=tmp_path, latency=latency).run()
+    # one fold and one cost per iteration's log; the result reuses iteration 0's and the chosen one's
+    assert len(result.trajectory) == 3 and len(folds) == 3 and len(costs) == 3 and len(timings) == int(latency)
+    x = torch.randn(2, 3, 6, 6)
+    dense = torch.load(tmp_path / "checkpoints" / "000.pt", weights_only=False)["model"]
+    for logged, model in ((result.before, dense), (result.after, result.linearized)):
+        fresh = ee.cost(ee.fold(model, x), x, latency=False)  # what they would cost if priced again
+        assert (logged.params, logged.macs, logged.depth) == (fresh.params, fresh.macs, fresh.depth)
+    assert (result.before.latency_s is not None) == latency
+    # resumed in another process: the chosen model is folded again, the dense one only to be timed
+    for calls in (folds, costs, timings):
+        calls.clear()
+    again = schedule(max_iterations=2, run_dir=tmp_path, resume=True, latency=latency).run()
+    assert len(folds) == 1 + int(latency) and costs == [] and len(timings) == int(latency)
+    assert (again.before.macs, again.after.macs, again.removed) == (result.before.macs, result.after.macs, result.removed)
+
+
+def test_options_object_or_keywords():
+    recipe = Recipe(epochs=1, lr=0.05, amp=False)
+    options = EasierOptions(budget=100.0, recipe=recipe, max_iterations=1, latency=False, progress=False, fold_aware=True)
+    by_keywords = schedule(budget=100.0, recipe=recipe, max_iterations=1, fold_aware=True)
+    assert schedule(options=options).options == by_keywords.options == options
+    assert schedule(options=options, patience=2).options.patience == 2 and options.patience == 0  # keywords on top, a copy
+    # method defaults, and the run directory's configuration, as earlier versions wrote it
+    assert NepentheOptions().aggregate == "nepenthe" and not NepentheOptions().measure_train_mode and EasierOptions().measure_train_mode
+    common = {"budget", "recipe", "train_fn", "protect", "aggregate", "measure_batches", "measure_train_mode", "max_iterations",
+              "patience", "seed"}
+    assert set(options.identity()) == common | {"fold_aware", "fold_tolerance"}
+    assert set(NepentheOptions().identity()) == common | {"method", "zeta", "allocation", "layer_cap", "temperature"}
+    with pytest.raises(TypeError, match="EASIER takes EasierOptions, got NepentheOptions"):
+        schedule(options=NepentheOptions())
+    with pytest.raises(TypeError, match="zeta"):
+        schedule(zeta=0.5)  # NEPENTHE's, not EASIER's
+    for bad, message in [({"patience": 1.5}, "patience must be an int >= 0, got 1.5"), ({"protect": "2"}, "protect must be a list"),
+                         ({"fold_tolerance": -1}, "fold_tolerance must be a number of bits >= 0"), ({"latency": "no"}, "latency must be a bool")]:
+        with pytest.raises(ValueError, match=message):
+            EasierOptions(**bad)
+    assert "fold_tolerance: how many bits" in EasierOptions.__doc__ and "budget: the largest" in ScheduleOptions.__doc__

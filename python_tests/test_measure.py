@@ -90,7 +90,8 @@ def test_train_mode_uses_batch_statistics():
     assert np.array_equal(r["2"].on_counts.numpy(), (pre[2] > 0).sum(1))
 
 
-def test_autocast_counts_the_low_precision_pre_activations():
+@pytest.mark.parametrize("amp", [True, torch.bfloat16], ids=["True", "bfloat16"])
+def test_autocast_counts_the_low_precision_pre_activations(amp):
     model, data = small_net(), dataset()
     kept = []
     hook = model[2].register_forward_pre_hook(lambda m, a: kept.append(a[0].detach().clone()))
@@ -99,9 +100,27 @@ def test_autocast_counts_the_low_precision_pre_activations():
     hook.remove()
     z = kept[0]
     assert z.dtype == torch.bfloat16
-    r = ee.measure_entropy(ee.convert(model), DataLoader(data, batch_size=len(data)), amp=True, progress=False)
+    r = ee.measure_entropy(ee.convert(model), DataLoader(data, batch_size=len(data)), amp=amp, progress=False)
     expected = (z > 0).sum(dim=(0, 2, 3))
     assert torch.equal(r["2"].on_counts, expected)
+
+
+@pytest.mark.parametrize("amp", [False, None], ids=["False", "None"])
+def test_amp_off_counts_the_float32_pre_activations(amp):
+    model, data = small_net(), dataset()
+    pre = reference_pre_activations(model, data)
+    r = ee.measure_entropy(ee.convert(model), DataLoader(data, batch_size=len(data)), amp=amp, progress=False)
+    assert np.array_equal(r["2"].on_counts.numpy(), (pre[2] > 0).sum(1))
+
+
+@pytest.mark.parametrize("rank,shown", [(0, True), (1, False)])
+def test_progress_bar_shows_on_rank_0_only(monkeypatch, capsys, rank, shown):
+    # one process calling itself `rank`; with a world size of 1 no collective runs
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 1)
+    ee.measure_entropy(ee.convert(small_net()), DataLoader(dataset(), batch_size=8), progress=True)
+    assert ("measuring entropy" in capsys.readouterr().err) is shown
 
 
 def test_easier_reference_estimator_is_mean_of_batch_entropies():

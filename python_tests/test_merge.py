@@ -10,15 +10,10 @@ import torch
 from torch import nn
 
 from easier_ext import merge
-from easier_ext.surgery.merge import (
-    add_convs,
-    compose_convs,
-    compose_linears,
-    composed_linear_macs,
-    composed_macs,
-    conv_chain_macs,
-    linear_chain_macs,
-)
+from easier_ext.surgery import impulses
+from easier_ext.surgery.chains import plan_segments
+from easier_ext.surgery.macs import own_macs
+from easier_ext.surgery.merge import add_convs, compose_convs, compose_linears
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 F64 = torch.float64
@@ -160,12 +155,12 @@ def test_compose_convs_single_dilated_conv():
 def test_kernel_read_by_inputs_and_by_outputs_agree(monkeypatch, dims, name):
     """Both ways of reading the merged kernel, in many small chunks (the public API takes the
     cheaper one; each of them is also checked end to end through it)."""
-    monkeypatch.setattr(merge, "IMPULSE_CHUNK", 5)
+    monkeypatch.setattr(impulses, "IMPULSE_CHUNK", 5)
     convs = build_chain(dims, CHAINS[name][0])
     params = merge._float64_params(convs, torch.device("cpu"))
     field, groups = expected_field(convs), CHAINS[name][1]
-    by_inputs = merge._input_impulses(convs, params, field, groups)
-    by_outputs = merge._output_impulses(convs, params, field, groups)
+    by_inputs = impulses._input_impulses(convs, params, field, groups)
+    by_outputs = impulses._output_impulses(convs, params, field, groups)
     assert by_inputs.shape == by_outputs.shape == (convs[-1].out_channels, convs[0].in_channels // groups, *field)
     assert_close(by_outputs, by_inputs, 1e-12)
     merged = compose_convs(convs)
@@ -174,11 +169,11 @@ def test_kernel_read_by_inputs_and_by_outputs_agree(monkeypatch, dims, name):
 
 def test_compose_convs_reads_kernel_by_inputs_when_cheaper(monkeypatch):
     """Few input taps, many output channels: the impulses go forward, in several chunks."""
-    monkeypatch.setattr(merge, "IMPULSE_CHUNK", 4)
+    monkeypatch.setattr(impulses, "IMPULSE_CHUNK", 4)
     torch.manual_seed(0)
     convs = [conv(2, 2, 8, k=1), conv(2, 8, 40, k=(1, 2))]
     calls = []
-    monkeypatch.setattr(merge, "_output_impulses", lambda *a: calls.append(a))
+    monkeypatch.setattr(impulses, "_output_impulses", lambda *a: calls.append(a))
     merged = compose_convs(convs)
     assert not calls
     check_merged(merged, lambda x: chain_reference(convs, x), 2, 2)
@@ -351,37 +346,46 @@ def test_add_convs_refusals(a, b, match):
 
 
 # --------------------------------------------------------------------------------------------
-# Cost model
+# Cost model (easier_ext.surgery.macs), against MACs counted by hand per output position
 # --------------------------------------------------------------------------------------------
 
 
 def test_macs_two_3x3_convs_do_not_pay():
     c = 8
     convs = [nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3)]
-    assert conv_chain_macs(convs) == 18 * c * c
-    assert composed_macs(convs) == 25 * c * c
+    assert own_macs(convs[:1]) == own_macs(convs[1:]) == 9 * c * c
+    assert own_macs(convs) == 25 * c * c  # one 5x5 conv
+    # merging nothing (2 * 9 * c * c) beats merging both (25 * c * c)
+    assert plan_segments(convs, exact_only=False) == ([(0, 1), (1, 2)], 18 * c * c, 18 * c * c)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_macs_mobilenet_block_pays(stride):
     c, c_out = 8, 16
     convs = [nn.Conv2d(c, 6 * c, 1), nn.Conv2d(6 * c, 6 * c, 3, stride=stride, padding=1, groups=6 * c), nn.Conv2d(6 * c, c_out, 1)]
-    # The expand conv runs at stride * stride positions per final one.
-    assert conv_chain_macs(convs) == 6 * c * c * stride**2 + 54 * c + 6 * c * c_out
-    assert composed_macs(convs) == 9 * c * c_out
-    assert composed_macs(convs) < conv_chain_macs(convs)
+    # The expand conv runs at stride * stride positions per final one; merged, one dense 3x3 conv.
+    unmerged = 6 * c * c * stride**2 + 54 * c + 6 * c * c_out
+    assert own_macs(convs) == 9 * c * c_out
+    assert plan_segments(convs, exact_only=False) == ([(0, 3)], 9 * c * c_out, unmerged)
 
 
 def test_macs_strides_and_groups():
     convs = [nn.Conv1d(4, 4, 3, stride=2, groups=4), nn.Conv1d(4, 4, 3, stride=3, groups=4)]
     # The first conv runs 3 times per final position; the merged kernel is 1 + 2 + 2*2 = 7 taps.
-    assert conv_chain_macs(convs) == 3 * 1 * 4 * 3 + 1 * 4 * 3
-    assert composed_macs(convs) == 1 * 4 * 7
+    assert plan_segments(convs) == ([(0, 2)], 1 * 4 * 7, 3 * 1 * 4 * 3 + 1 * 4 * 3)
     merged = compose_convs(convs)
-    assert merged.in_channels // merged.groups * merged.out_channels * math.prod(merged.kernel_size) == composed_macs(convs)
+    assert (merged.kernel_size, merged.stride, merged.groups) == ((7,), (6,), 4)
+    assert own_macs(convs) == own_macs([merged]) == 1 * 4 * 7
+
+
+def test_macs_single_dilated_conv_counts_its_taps():
+    # 3x3 taps, spread over a 5x5 field: the conv as it is reads 9 inputs per channel, merged alone 25
+    conv = nn.Conv2d(3, 4, 3, dilation=2)
+    assert own_macs([conv]) == 3 * 4 * 9
+    assert own_macs([compose_convs([conv])]) == 3 * 4 * 25
 
 
 def test_linear_macs():
     linears = [nn.Linear(8, 32), nn.Linear(32, 4)]
-    assert linear_chain_macs(linears) == 8 * 32 + 32 * 4
-    assert composed_linear_macs(linears) == 8 * 4
+    assert own_macs(linears) == own_macs([compose_linears(linears)]) == 8 * 4
+    assert plan_segments(linears) == ([(0, 2)], 8 * 4, 8 * 32 + 32 * 4)

@@ -211,3 +211,20 @@ def test_counts_on_another_device_is_a_clear_error():
     m(torch.randn(2, 3))
     with pytest.raises(RuntimeError, match="move the module with"):
         m(torch.randn(2, 3, device="cuda"))
+
+
+def test_one_activation_table():
+    """The op's activations (checked against C++ in test_rectify_count), the module classes and
+    convert's functional forms describe the same activations."""
+    from easier_ext.core.modules import TRACKED_MODULES
+    from easier_ext.surgery.tracing import FUNCTIONAL_RECTIFIERS
+
+    names = {cls.activation for cls in TRACKED_MODULES.values()} | {ee.EntropyGELU("tanh").activation}
+    assert names == set(ee.ops.ACTIVATIONS)
+    assert all(TRACKED_MODULES[t].replaces is t for t in TRACKED_MODULES)
+    with_functional = {spec.module for spec in FUNCTIONAL_RECTIFIERS.values()}
+    assert set(TRACKED_MODULES) - with_functional == {nn.PReLU}  # F.prelu takes a weight: no fixed module
+    # each module round-trips through torch with its arguments
+    for torch_module, _ in PAIRS:
+        back = ee.EntropyActivation.from_module(torch_module).to_torch()
+        assert type(back) is type(torch_module) and repr(back) == repr(torch_module)

@@ -19,7 +19,7 @@ from easier_ext.methods.pruning import (
     Paths, bake_pruning, bypassed_sites, feeding_layers, guarded_capacity, irrelevance, prune_magnitude, sparsity, split_budget, weight,
 )
 from easier_ext.methods.train import Recipe, finetune
-from test_easier import bn_free_cnn, loaders, schedule, tiny_cnn, tiny_data
+from test_easier import bn_free_cnn, count_calls, loaders, schedule, tiny_cnn, tiny_data
 
 
 # -- the budget split ---------------------------------------------------------------------------
@@ -516,6 +516,15 @@ def test_bad_arguments_and_untraceable_models(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written for a model it cannot use
 
 
+def test_the_model_is_converted_and_baked_once(monkeypatch):
+    converts, bakes, folds = (count_calls(monkeypatch, f) for f in (ee.convert, bake_pruning, ee.fold))
+    result = nepenthe(max_iterations=2).run()
+    # one conversion; each iteration's log folds (and so bakes a copy of) its model, which the
+    # result reuses; the returned sparse model is baked once more
+    assert len(converts) == 1 and len(folds) == len(result.trajectory) == 3 and len(bakes) == len(folds) + 1
+    assert not any(hasattr(m, "weight_mask") for m in result.linearized.modules())
+
+
 def test_protected_sites_are_neither_pruned_nor_linearized():
     result = nepenthe(protect=["2"], zeta=0.9, max_iterations=3).run()
     feeds = feeding_layers(ee.convert(tiny_cnn()))
@@ -559,9 +568,10 @@ def test_cli_run_method_nepenthe(tmp_path, capsys):
         assert main(["run", *wrong, "--quiet"]) == 2
         assert "applies to --method" in capsys.readouterr().err
     assert main(["run", "--method", "nepenthe", "--zeta", "0", "--quiet"]) == 2
-    assert "--zeta must be in (0, 1]" in capsys.readouterr().err
+    assert "--zeta must be the fraction of remaining weights pruned per iteration, in (0, 1]" in capsys.readouterr().err
     for wrong, message in [
-        (["--layer-cap", "0"], "--layer-cap must be in (0, 1]"), (["--layer-cap", "1.5"], "--layer-cap must be in (0, 1]"),
+        (["--layer-cap", "0"], "--layer-cap must be the fraction of a site's remaining weights pruned per iteration, in (0, 1]"),
+        (["--layer-cap", "1.5"], "--layer-cap must be the fraction of a site's remaining weights pruned per iteration, in (0, 1]"),
         (["--temperature", "0"], "--temperature must be a finite number > 0"), (["--temperature", "-1"], "--temperature must be"),
     ]:
         assert main(["run", "--method", "nepenthe", *wrong, "--run-dir", str(tmp_path / "bad"), "--quiet"]) == 2

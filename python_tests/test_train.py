@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, 
 
 from easier_ext import train as train_mod
 from easier_ext.core.modules import EntropyPReLU
+from easier_ext.core.runtime import autocast
 from easier_ext.methods.train import NonFiniteLossError, Recipe, evaluate, finetune, make_optimizer, make_scheduler
 
 
@@ -192,6 +193,41 @@ def test_finetune_requires_a_recipe():
         finetune(_mlp(), _batches(8, 4), {"epochs": 1}, progress=False)  # type: ignore[arg-type]
 
 
+
+class DtypeProbe(nn.Module):
+    """An MLP that records the dtype of its logits at each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        self.dtypes.append(out.dtype)
+        return out
+
+
+def test_amp_is_ignored_on_the_cpu():
+    model = DtypeProbe()
+    finetune(model, _batches(16, 8), Recipe(epochs=1, amp=True), progress=False)
+    evaluate(model, _batches(16, 8), amp=True)
+    assert model.dtypes == [torch.float32] * 4
+    # the probe would see autocast: the shared helper does run the CPU in bfloat16 when asked
+    # (as measure_entropy asks), finetune and evaluate just do not ask off CUDA
+    with torch.no_grad(), autocast(torch.device("cpu"), True):
+        assert model(torch.zeros(2, 4)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rank,shown", [(0, True), (1, False)])
+def test_progress_bar_shows_on_rank_0_only(monkeypatch, capsys, rank, shown):
+    # one process calling itself `rank`; with a world size of 1 no collective runs
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 1)
+    finetune(_mlp(), _batches(16, 8), Recipe(epochs=1), desc="probe-finetune")
+    assert ("probe-finetune" in capsys.readouterr().err) is shown
+
 # -- schedules ------------------------------------------------------------------------------------
 def _reference_lrs(recipe: Recipe, decay_epochs: list[int]) -> list[float]:
     """The recipe's formulas, written out independently of torch's schedulers."""
@@ -357,6 +393,14 @@ def test_recipe_as_dict_round_trips_through_json():
     assert data["milestones"] == [0.25, 0.5]
     assert Recipe(**json.loads(json.dumps(data))) == recipe
 
+
+def test_recipe_unpickles_from_its_old_paths():
+    """Runs pickled the recipe as easier_ext.train.Recipe (0.1.0) and easier_ext.methods.train.Recipe."""
+    recipe = Recipe(epochs=3, lr=0.1, schedule="cosine")
+    for module in ("easier_ext.train", "easier_ext.methods.train"):
+        old = pickle.dumps(recipe, protocol=2).replace(Recipe.__module__.encode(), module.encode())
+        assert module.encode() in old and pickle.loads(old) == recipe
+    assert train_mod.Recipe is Recipe
 
 def test_make_optimizer_uses_the_recipe_and_skips_frozen_parameters():
     model = _mlp()

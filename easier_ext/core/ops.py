@@ -11,16 +11,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from easier_ext import _extension  # loads the library that defines the ops
+from easier_ext.core.gradients import GRADIENTS, prelu_weight_gradient
 
 __all__ = ["ACTIVATIONS", "rectify_count", "rectify_count_"]
 
-#: Activation names accepted by :func:`rectify_count`.
-#: The same list as the C++ table (``kActivations`` in ``csrc/rectify_args.cpp``); a test checks.
-ACTIVATIONS = ("relu", "relu6", "leaky_relu", "prelu", "gelu", "gelu_tanh", "silu", "hardswish", "elu", "mish")
+#: Activation names accepted by :func:`rectify_count`: the keys of the gradient table, which a test
+#: checks against the C++ table (``kActivations`` in ``csrc/rectify_args.cpp``).
+ACTIVATIONS = tuple(GRADIENTS)
 
 
 def rectify_count(
@@ -167,15 +167,6 @@ def _rectify_count_fake(input, activation, alpha, weight, channel_dim):
     return torch.empty_like(input), input.new_empty((channels,), dtype=torch.int64)
 
 
-def _weight_view(weight: Tensor, input: Tensor, channel_dim: int) -> Tensor:
-    """prelu's weight shaped to broadcast along ``channel_dim`` of ``input``."""
-    if weight.numel() == 1:
-        return weight.reshape(())
-    shape = [1] * input.dim()
-    shape[channel_dim] = weight.numel()
-    return weight.reshape(shape)
-
-
 def _setup_context(ctx, inputs, output):
     input, activation, alpha, weight, channel_dim = inputs
     out, _ = output
@@ -189,47 +180,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_counts):
     saved, weight = ctx.saved_tensors
-    aten = torch.ops.aten
-    act = ctx.activation
-    grad_weight = None
-    # torch's own backward kernels, so gradients equal torch's and can be differentiated again.
-    if act == "relu":
-        grad_input = aten.threshold_backward(grad_out, saved, 0)
-    elif act == "relu6":
-        grad_input = aten.hardtanh_backward(grad_out, saved, 0.0, 6.0)
-    elif act == "leaky_relu":
-        grad_input = aten.leaky_relu_backward(grad_out, saved, ctx.alpha, False)
-    elif act == "gelu":
-        grad_input = aten.gelu_backward(grad_out, saved, approximate="none")
-    elif act == "gelu_tanh":
-        grad_input = aten.gelu_backward(grad_out, saved, approximate="tanh")
-    elif act == "silu":
-        # As torch does: aten's kernel has no derivative, so a double backward uses the formula.
-        if torch.is_grad_enabled():
-            sig = torch.sigmoid(saved)
-            grad_input = grad_out * sig * (1.0 + saved * (1.0 - sig))
-        else:
-            grad_input = aten.silu_backward(grad_out, saved)
-    elif act == "hardswish":
-        grad_input = aten.hardswish_backward(grad_out, saved)
-    elif act == "elu":
-        grad_input = aten.elu_backward(grad_out, ctx.alpha, 1, 1, False, saved)
-    elif act == "mish":
-        if torch.is_grad_enabled():  # as torch does, for the same reason as silu
-            tanh_softplus = torch.tanh(F.softplus(saved))
-            grad_input = grad_out * (tanh_softplus + saved * torch.sigmoid(saved) * (1.0 - tanh_softplus * tanh_softplus))
-        else:
-            grad_input = aten.mish_backward(grad_out, saved)
-    else:  # prelu: dL/dx = g (x > 0) or w g; dL/dw = sum over non-channel dims of g x (x <= 0)
-        dim = ctx.channel_dim % saved.dim()
-        w = _weight_view(weight, saved, dim)
-        grad_input = torch.where(saved > 0, grad_out, w * grad_out)
-        grad_w = torch.where(saved > 0, torch.zeros_like(saved), saved * grad_out)
-        if weight.numel() == 1:
-            grad_weight = grad_w.sum().reshape(weight.shape)
-        else:
-            other = [d for d in range(saved.dim()) if d != dim]
-            grad_weight = grad_w.sum(dim=other).reshape(weight.shape)
+    grad_input = GRADIENTS[ctx.activation](grad_out, saved, ctx.alpha, weight, ctx.channel_dim)
+    grad_weight = prelu_weight_gradient(grad_out, saved, weight, ctx.channel_dim) if ctx.activation == "prelu" else None
     return grad_input, None, None, grad_weight, None
 
 

@@ -34,5 +34,5 @@ def site(model: nn.Module, name: str) -> EntropyActivation:
     if name in found:
         return found[name]
     close = difflib.get_close_matches(name, list(found), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f"; the model has {len(found)} sites: {', '.join(found) or 'none (call easier_ext.surgery.convert first)'}"
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f"; the model has {len(found)} sites: {', '.join(found) or 'none (call easier_ext.convert first)'}"
     raise KeyError(f"unknown site {name!r}{hint}")

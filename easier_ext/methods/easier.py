@@ -4,20 +4,33 @@ repeat while the accuracy stays within a budget; then fold."""
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-import torch
 from torch import nn
 
+from easier_ext.core.checks import is_real
 from easier_ext.core.sites import sites
 from easier_ext.surgery.linearize import linearize, mergeable_layers
+from easier_ext.methods.options import ScheduleOptions, documented, option
 from easier_ext.methods.schedule import Schedule, ScheduleResult
-from easier_ext.core.checks import is_real
 
-__all__ = ["EASIER", "EasierResult"]
+__all__ = ["EASIER", "EasierOptions", "EasierResult"]
 
-#: What :meth:`EASIER.run` returns (see :class:`easier_ext.methods.schedule.ScheduleResult`).
+#: What :meth:`EASIER.run` returns (see :class:`easier_ext.ScheduleResult`).
 EasierResult = ScheduleResult
+
+
+@documented
+@dataclass
+class EasierOptions(ScheduleOptions):
+    """EASIER's options: those of every schedule (:class:`~easier_ext.methods.options.ScheduleOptions`),
+    and its own."""
+
+    fold_aware: bool = option(False, help="among sites within fold_tolerance bits of the lowest entropy, prefer one whose "
+                                          "removal lets a merge that pays happen", cli=True)
+    fold_tolerance: float = option(0.02, help="how many bits above the lowest entropy a fold-aware choice may be", cli=True,
+                                   check=lambda v: is_real(v) and v >= 0, expected="a number of bits >= 0", convert=float)
 
 
 class EASIER(Schedule):
@@ -31,33 +44,11 @@ class EASIER(Schedule):
     budget is folded and returned.
 
     Args:
-        model, train_loader, val_loader, example_input: see :class:`easier_ext.methods.schedule.Schedule`.
-        fold_aware: among sites within ``fold_tolerance`` bits of the lowest entropy, prefer one
-            whose removal lets a merge that pays happen.
-        fold_tolerance: see ``fold_aware``.
-        **options: the options every schedule takes (see :class:`easier_ext.methods.schedule.Schedule`):
-            ``budget`` (top-1 points, default 1), ``recipe``, ``train_fn``, ``protect``,
-            ``aggregate`` (default ``"easier"``), ``measure_batches``, ``measure_train_mode``,
-            ``max_iterations``, ``patience``, ``run_dir``, ``resume``, ``config``, ``latency``,
-            ``device``, ``seed``, ``progress``.
+        model, train_loader, val_loader, example_input, options, keywords: see
+            :class:`easier_ext.methods.schedule.Schedule`; the options are :class:`EasierOptions`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        train_loader: Iterable,
-        val_loader: Iterable,
-        *,
-        example_input: torch.Tensor,
-        fold_aware: bool = False,
-        fold_tolerance: float = 0.02,
-        **options,
-    ) -> None:
-        if not is_real(fold_tolerance) or fold_tolerance < 0:
-            raise ValueError(f"fold_tolerance must be a number of bits >= 0, got {fold_tolerance!r}")
-        self.fold_aware, self.fold_tolerance = fold_aware, float(fold_tolerance)
-        settings = {"fold_aware": fold_aware, "fold_tolerance": self.fold_tolerance}
-        super().__init__(model, train_loader, val_loader, example_input=example_input, settings=settings, **options)
+    Options = EasierOptions
 
     def _step(self, model: nn.Module, entropies: dict[str, float]) -> Optional[dict]:
         chosen = self._choose(model, entropies)
@@ -70,12 +61,12 @@ class EASIER(Schedule):
         """The lowest-entropy site (fold-aware: a nearly as low one that lets a merge pay) and
         every site at zero entropy; none when no unprotected site was measured (a site that
         never ran has no entropy, see :func:`easier_ext.measure_entropy`)."""
-        candidates = sorted((h, n) for n, h in entropies.items() if n not in self.protect)
+        candidates = sorted((h, n) for n, h in entropies.items() if n not in self.options.protect)
         if not candidates:
             return []
         lowest = candidates[0][1]
-        if self.fold_aware:
-            near = [n for h, n in candidates if h <= candidates[0][0] + self.fold_tolerance]
+        if self.options.fold_aware:
+            near = [n for h, n in candidates if h <= candidates[0][0] + self.options.fold_tolerance]
             lowest = next((n for n in near if _enables_merge(model, n)), lowest)
         zero = [n for h, n in candidates if h == 0.0]
         return [lowest] + [n for n in zero if n != lowest]

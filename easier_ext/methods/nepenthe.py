@@ -5,26 +5,61 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
+from easier_ext.core.checks import is_real
 from easier_ext.core.sites import sites
-from easier_ext.surgery.convert import convert
 from easier_ext.surgery.linearize import linearize, move_padding
+from easier_ext.methods.options import ScheduleOptions, documented, option, with_default
 from easier_ext.methods.pruning import (
     ALLOCATIONS, PRUNABLE, Paths, bake_pruning, bypassed_sites, feeding_layers, guarded_capacity, irrelevance, prune_magnitude,
     sparsity, split_budget, weight,
 )
 from easier_ext.methods.schedule import Schedule, ScheduleResult
-from easier_ext.core.checks import is_real
 
-__all__ = ["NEPENTHE", "NepentheResult"]
+__all__ = ["NEPENTHE", "NepentheOptions", "NepentheResult"]
 
-#: What :meth:`NEPENTHE.run` returns (see :class:`easier_ext.methods.schedule.ScheduleResult`;
+#: What :meth:`NEPENTHE.run` returns (see :class:`easier_ext.ScheduleResult`;
 #: ``sparsity`` is set).
 NepentheResult = ScheduleResult
+
+
+@documented
+@dataclass
+class NepentheOptions(ScheduleOptions):
+    """NEPENTHE's options: those of every schedule (:class:`~easier_ext.methods.options.ScheduleOptions`),
+    two with other defaults, and its own."""
+
+    aggregate: str = with_default(ScheduleOptions, "aggregate", "nepenthe")
+    measure_train_mode: bool = with_default(ScheduleOptions, "measure_train_mode", False)
+    zeta: float = option(0.5, help="the fraction of the remaining nonzero eligible weights pruned per iteration (sparsity "
+                                   "1 - (1 - zeta)^i after i iterations)", cli=True, convert=float,
+                         check=lambda v: is_real(v) and 0 < v <= 1, expected="the fraction of remaining weights pruned per iteration, in (0, 1]")
+    allocation: str = option("guarded", help="how an iteration's pruning is shared among sites: guarded empties only layers a "
+                                             "residual sum bypasses and caps the others; reference is the paper's split, which can "
+                                             "empty a layer on the only path", cli=True, choices=ALLOCATIONS, what="allocation")
+    # 0.1, measured on the digits with one finetune epoch per iteration: with 0.5, unstructured
+    # pruning of the layers on the only path cost more accuracy than the branches removed
+    # (ResNet-18 2 sites and MobileNetV2 none within 1 point; with 0.1, 3 and 2; benchmarks/README.md)
+    layer_cap: float = option(0.1, help="the largest fraction of a non-emptied site's remaining weights one iteration prunes",
+                              cli=True, requires={"allocation": "guarded"}, convert=float, check=lambda v: is_real(v) and 0 < v <= 1,
+                              expected="the fraction of a site's remaining weights pruned per iteration, in (0, 1]")
+    temperature: float = option(1.0, help="divides the budget split's softmax logits (1 in the reference code); above 1 spreads "
+                                          "the pruning over more sites", cli=True, convert=float,
+                                check=lambda v: is_real(v) and 0 < v < math.inf, expected="a finite number > 0")
+
+    def identity(self) -> dict:
+        """See :meth:`ScheduleOptions.identity`; with ``"method": "nepenthe"``.
+
+        Returns:
+            ``{option: value}``.
+        """
+        # runs of earlier versions recorded NEPENTHE's name with its options (and not EASIER's)
+        return {**super().identity(), "method": "nepenthe"}
 
 
 class NEPENTHE(Schedule):
@@ -40,7 +75,7 @@ class NEPENTHE(Schedule):
     what it holds (the rest shared again), as in the reference code: on a plain chain (VGG,
     MobileNetV2's non-residual blocks) that empties a layer on the only path and the output
     becomes constant. With ``"guarded"`` (the default) only bypassed sites (see
-    :func:`easier_ext.methods.pruning.bypassed_sites`: a residual sum goes around their branch, which
+    :func:`easier_ext.pruning.bypassed_sites`: a residual sum goes around their branch, which
     then folds away whole) may be emptied, one per iteration (the least irrelevant); any other
     site loses at most ``layer_cap`` of its remaining weights per iteration and never the last
     weight of a neuron; what they cannot take is shared among the others (and left unpruned when
@@ -50,7 +85,7 @@ class NEPENTHE(Schedule):
     neurons are always OFF; for ReLU6 the upper clamp is dropped, as in the paper), as is every
     site whose output no longer reaches the model's (it only fed emptied layers); replaced sites
     are no longer pruned. The padding of conv chains that now pay to merge across replaced sites
-    moves to the chain's first conv (as :func:`easier_ext.surgery.linearize` does for EASIER), so that
+    moves to the chain's first conv (as :func:`easier_ext.linearize` does for EASIER), so that
     folding them is exact; the model is evaluated as it is then. It stops as
     :class:`easier_ext.EASIER` does (budget with patience, no site left, ``max_iterations``), or
     when nothing is left to prune. The best model within the budget (most sites linearized, then
@@ -60,66 +95,23 @@ class NEPENTHE(Schedule):
     Args:
         model: a trained model (converted here when it has no sites yet; not modified); torch.fx
             must be able to trace it (the layers feeding each site are found from its graph).
-        train_loader, val_loader, example_input: see :class:`easier_ext.methods.schedule.Schedule`.
-        zeta: the fraction of the remaining nonzero eligible weights pruned per iteration, in
-            ``(0, 1]`` (the paper's default 0.5: sparsity ``1 - 0.5^i`` after ``i`` iterations).
-        allocation: one of :data:`easier_ext.methods.pruning.ALLOCATIONS`: ``"guarded"`` (default) or
-            ``"reference"`` (the paper's split; see above).
-        layer_cap: ``"guarded"``: the largest fraction of a non-emptied site's remaining
-            weights one iteration prunes, in ``(0, 1]`` (0.1, measured on the digits with one
-            finetune epoch per iteration: with 0.5 unstructured pruning of the layers on the only
-            path cost more accuracy than the branches removed, ResNet-18 2 sites and MobileNetV2
-            none within 1 point; with 0.1, 3 and 2, see benchmarks/README.md).
-        temperature: ``T > 0`` dividing the split's softmax logits (1 in the reference code;
-            larger spreads the pruning over more sites).
-        **options: the options every schedule takes (see :class:`easier_ext.methods.schedule.Schedule`):
-            ``budget`` (top-1 points, default 1), ``recipe``, ``train_fn``, ``protect`` (sites
-            neither pruned nor linearized), ``aggregate`` (default ``"nepenthe"``),
-            ``measure_batches``, ``measure_train_mode`` (default False: eval mode),
-            ``max_iterations``, ``patience``,
-            ``run_dir``, ``resume``, ``config``, ``latency``, ``device``, ``seed``, ``progress``.
+        train_loader, val_loader, example_input, options, keywords: see
+            :class:`easier_ext.methods.schedule.Schedule`; the options are :class:`NepentheOptions`.
 
     Raises:
-        ValueError: a bad ``zeta``, ``allocation``, ``layer_cap`` or ``temperature``, or a bad
-            common option.
-        KeyError: an unknown site in ``protect``.
+        ValueError, TypeError, KeyError: as :class:`easier_ext.methods.schedule.Schedule`.
         RuntimeError: torch.fx cannot trace the model.
     """
 
+    Options = NepentheOptions
     unfolded_name = "final_sparse.pt"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        train_loader: Iterable,
-        val_loader: Iterable,
-        *,
-        example_input: torch.Tensor,
-        zeta: float = 0.5,
-        allocation: str = "guarded",
-        layer_cap: float = 0.1,
-        temperature: float = 1.0,
-        **options,
-    ) -> None:
-        if not is_real(zeta) or not 0 < zeta <= 1:
-            raise ValueError(f"zeta must be the fraction of remaining weights pruned per iteration, in (0, 1], got {zeta!r}")
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {allocation!r}; expected one of {ALLOCATIONS}")
-        if not is_real(layer_cap) or not 0 < layer_cap <= 1:
-            raise ValueError(f"layer_cap must be the fraction of a site's remaining weights pruned per iteration, in (0, 1], got {layer_cap!r}")
-        if not is_real(temperature) or not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        self.zeta, self.allocation, self.layer_cap, self.temperature = float(zeta), allocation, float(layer_cap), float(temperature)
-        options.setdefault("aggregate", "nepenthe")
-        options.setdefault("measure_train_mode", False)
-        model = model if sites(model) else convert(model)
-        try:  # before the run directory is written: a model we cannot use leaves nothing behind
+    def _prepare(self, model: nn.Module) -> None:
+        try:
             self.feeds = feeding_layers(model)
         except RuntimeError as e:
             raise RuntimeError(f"NEPENTHE finds the layers that feed each site from the model's torch.fx graph: {e}") from e
         self.prunable = [layer for layers in self.feeds.values() for layer in layers]
-        settings = {"method": "nepenthe", "zeta": self.zeta, "allocation": allocation, "layer_cap": self.layer_cap, "temperature": self.temperature}
-        super().__init__(model, train_loader, val_loader, example_input=example_input, settings=settings, **options)
 
     def _entropies(self, model: nn.Module, trajectory: list[dict]) -> dict[str, float]:
         # the last iteration measured its model after finetuning; what changed since (replaced
@@ -135,7 +127,7 @@ class NEPENTHE(Schedule):
         irrelevances = {n: irrelevance(entropies[n], weights[n]) for n in live}
         nonzero = {n: sum(int(w.count_nonzero()) for w in weights[n]) for n in live}
         eligible = sum(nonzero[n] for n in live if irrelevances[n] > 0)
-        total = max(1, math.floor(self.zeta * eligible)) if eligible else 0
+        total = max(1, math.floor(self.options.zeta * eligible)) if eligible else 0
         shares, may_empty, bypassed = self._allocate(model, total, irrelevances, weights, nonzero)
         if not zero and not any(shares.values()):
             return None
@@ -152,8 +144,8 @@ class NEPENTHE(Schedule):
         """The weights each live site loses; which sites may lose whole neurons (every one with
         the reference split; with the guarded one, at most the one bypassed site it empties); and
         which are bypassed (guarded only)."""
-        if self.allocation == "reference":
-            return split_budget(total, irrelevances, nonzero, temperature=self.temperature), {n: True for n in irrelevances}, {}
+        if self.options.allocation == "reference":
+            return split_budget(total, irrelevances, nonzero, temperature=self.options.temperature), {n: True for n in irrelevances}, {}
         bypassed = bypassed_sites(model, {n: self.feeds[n] for n in irrelevances})
         candidates = dict(bypassed)
         while True:
@@ -172,9 +164,9 @@ class NEPENTHE(Schedule):
 
     def _split(self, total: int, irrelevances: dict, weights: dict, nonzero: dict, emptiable: list[str]) -> dict[str, int]:
         """The softmax split, ``emptiable`` sites capped at empty, the others guarded."""
-        capacity = {n: nonzero[n] if n in emptiable else guarded_capacity(weights[n], self.layer_cap) for n in irrelevances}
+        capacity = {n: nonzero[n] if n in emptiable else guarded_capacity(weights[n], self.options.layer_cap) for n in irrelevances}
         room = sum(c for n, c in capacity.items() if irrelevances[n] > 0)
-        return split_budget(min(total, room), irrelevances, capacity, temperature=self.temperature)
+        return split_budget(min(total, room), irrelevances, capacity, temperature=self.options.temperature)
 
     def _after_finetune(self, model: nn.Module, step: dict, k: int) -> dict:
         entropies = self._measure(model, k)
@@ -211,7 +203,7 @@ def _constant_input_scales(model: nn.Module, paths: Paths, names: list[str], exa
     """For the sites among ``names`` whose input does not depend on the model's input (their
     feeding layers were emptied), the per-neuron multiplier that reproduces the activation of that
     constant exactly: ``act(c) / c`` (1 where ``c`` is 0). The constant-scale rule of
-    :func:`easier_ext.surgery.linearize` would drop GELU's curvature and ReLU6's clamp, and so change what
+    :func:`easier_ext.linearize` would drop GELU's curvature and ReLU6's clamp, and so change what
     an emptied branch adds."""
     modules = dict(model.named_modules())
     dependent = {n.target for n in paths.input_dependent() if n.op == "call_module"}

@@ -56,7 +56,7 @@ def feeding_layers(model: nn.Module) -> dict[str, list[str]]:
     to the first in execution order, so every layer belongs to one site at most.
 
     Args:
-        model: a converted model (see :func:`easier_ext.surgery.convert`), traceable by torch.fx.
+        model: a converted model (see :func:`easier_ext.convert`), traceable by torch.fx.
 
     Returns:
         ``{site name: [layer qualified names]}`` in execution order, every site present (an empty
@@ -224,7 +224,7 @@ def bypassed_sites(model: nn.Module, feeds: Mapping[str, Sequence[str]] | None =
     """Which sites' feeding layers are bypassed: emptying them leaves the model's output
     depending on its input (a residual sum after them has another input that does not pass
     through them), and turns their branch into a constant added to that sum, which
-    :func:`easier_ext.surgery.fold` removes whole (see :meth:`Paths.collapses`).
+    :func:`easier_ext.fold` removes whole (see :meth:`Paths.collapses`).
 
     A ResNet block's second site (fed by its second conv) and a MobileNetV2 or Swin residual
     block's depthwise / MLP sites are bypassed; a plain chain's (VGG) are not, nor a ResNet

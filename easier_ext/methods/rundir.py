@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 from easier_ext.core.files import atomic_write, remove_temporary_files
+from easier_ext.core.runtime import is_main_process
 
 __all__ = [
-    "RunDir", "RunDirError", "RunLock", "is_main_process", "rng_state", "seed_everything",
+    "RunDir", "RunDirError", "RunLock", "rng_state", "seed_everything",
     "set_rng_state",
 ]
 
@@ -35,11 +36,6 @@ class RunDirError(ValueError):
 
 
 LOCK_NAME = ".lock"
-
-
-def is_main_process() -> bool:
-    """Rank 0, or the only process: the one that writes files."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class RunLock:

@@ -8,7 +8,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,16 +17,13 @@ from torch import nn
 from easier_ext.core.sites import sites
 from easier_ext.surgery.convert import convert
 from easier_ext.surgery.costs import Cost, LatencyComparison, compare_latency, cost
-from easier_ext.core.entropy import AGGREGATES
 from easier_ext.surgery.fold import fold
 from easier_ext.surgery.measure import measure_entropy
 from easier_ext.methods.rundir import RunDir, rng_state, seed_everything, set_rng_state
-from easier_ext.core.checks import is_real
-from easier_ext.methods.train import NonFiniteLossError, Recipe, evaluate, finetune
+from easier_ext.methods.options import ScheduleOptions
+from easier_ext.methods.train import NonFiniteLossError, evaluate, finetune
 
 __all__ = ["Schedule", "ScheduleResult", "summary"]
-
-TrainFn = Callable[[nn.Module, Iterable], Any]
 
 
 @dataclass
@@ -85,36 +82,21 @@ class Schedule:
         train_loader: batches of ``(input, target)`` for measuring and finetuning.
         val_loader: batches of ``(input, target)`` for the accuracy.
         example_input: one input batch for folding and for costs (a small batch keeps it quick).
-        budget: the largest accepted drop in top-1 points, in ``[0, 100]``.
-        recipe: the finetune recipe (:class:`easier_ext.methods.train.Recipe`); ignored with ``train_fn``.
-        train_fn: your own finetune: ``train_fn(model, train_loader)``, called in place of ours.
-        protect: sites never changed.
-        aggregate: the layer entropy, ``"easier"`` or ``"nepenthe"``.
-        measure_batches: batches per measurement (default: the whole loader).
-        measure_train_mode: measure in train mode, as the papers do (BatchNorm statistics are
-            restored afterwards).
-        max_iterations: cap on the iterations.
-        patience: go on for this many iterations past the budget before stopping, since a later
-            finetune can win accuracy back (the papers run to the end and pick the operating point
-            afterwards); the returned model is still the best within the budget.
-        run_dir: where logs, checkpoints and the final model go (None: nowhere, no resume). Its
-            ``config.json`` is written and its lock taken here (see :class:`easier_ext.methods.rundir.RunDir`);
-            :meth:`close` or the end of the process releases the lock.
-        resume: continue the run ``run_dir`` holds (a new or empty folder starts one).
-        config: extra JSON-able settings that identify the run (e.g. the CLI's model and data).
-        latency: time each iteration's folded model (the fastest of several blocks), and the
-            returned one against the dense one in paired rounds.
-        device: where to run (default: the model's device).
-        seed: seeds torch, Python and NumPy at the start.
-        progress: progress bars.
-        settings: the method's own options, recorded in the run directory's configuration.
+        options: the schedule's options, an instance of :attr:`Options` (default: its defaults).
+            With a ``run_dir``, its ``config.json`` is written and its lock taken here (see
+            :class:`easier_ext.methods.rundir.RunDir`); :meth:`close` or the end of the process
+            releases the lock.
+        **keywords: fields of :attr:`Options` (``budget=2.0``), set on top of ``options``.
 
     Raises:
-        ValueError: a bad ``budget``, ``aggregate``, ``max_iterations`` or ``patience``; a run
-            directory of another configuration (:class:`easier_ext.methods.rundir.RunDirError`).
+        ValueError: a bad option (:class:`~easier_ext.methods.options.OptionError`, which names
+            it); a run directory of another configuration (:class:`easier_ext.methods.rundir.RunDirError`).
+        TypeError: a keyword that is no field of :attr:`Options`, or ``options`` of another class.
         KeyError: an unknown site in ``protect``.
     """
 
+    #: the options this schedule takes
+    Options = ScheduleOptions
     #: the unfolded final model's file name in the run directory
     unfolded_name = "final_linearized.pt"
 
@@ -125,54 +107,32 @@ class Schedule:
         val_loader: Iterable,
         *,
         example_input: torch.Tensor,
-        budget: float = 1.0,
-        recipe: Optional[Recipe] = None,
-        train_fn: Optional[TrainFn] = None,
-        protect: Sequence[str] = (),
-        aggregate: str = "easier",
-        measure_batches: Optional[int] = None,
-        measure_train_mode: bool = True,
-        max_iterations: Optional[int] = None,
-        patience: int = 0,
-        run_dir=None,
-        resume: bool = False,
-        config: Optional[dict] = None,
-        latency: bool = True,
-        device=None,
-        seed: int = 0,
-        progress: bool = True,
-        settings: Optional[dict] = None,
+        options: Optional[ScheduleOptions] = None,
+        **keywords: Any,
     ) -> None:
-        if not is_real(budget) or not 0 <= budget <= 100:
-            raise ValueError(f"budget must be a drop in top-1 points in [0, 100], got {budget!r}")
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"unknown entropy aggregate {aggregate!r}; expected one of {AGGREGATES}")
-        if max_iterations is not None and max_iterations < 1:
-            raise ValueError(f"max_iterations must be >= 1 or None, got {max_iterations}")
-        if not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be an int >= 0, got {patience!r}")
+        if options is None:
+            options = self.Options(**keywords)
+        elif not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, got {type(options).__name__}")
+        elif keywords:
+            options = replace(options, **keywords)
+        self.options = options
         self.model = model if sites(model) else convert(model)
-        unknown = sorted(set(protect) - set(sites(self.model)))
+        unknown = sorted(set(options.protect) - set(sites(self.model)))
         if unknown:
             raise KeyError(f"cannot protect unknown sites {unknown}; the model's sites are {list(sites(self.model))}")
+        self._prepare(self.model)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.example_input = example_input
-        self.budget, self.recipe, self.train_fn = float(budget), recipe or Recipe(), train_fn
-        self.protect, self.aggregate = tuple(protect), aggregate
-        self.measure_batches, self.measure_train_mode = measure_batches, measure_train_mode
-        self.max_iterations, self.patience = max_iterations, patience
-        self.latency, self.device, self.seed, self.progress = latency, device, seed, progress
-        identity = {
-            "budget": self.budget, "recipe": None if train_fn else self.recipe.as_dict(), "train_fn": getattr(train_fn, "__qualname__", None),
-            "protect": list(self.protect), "aggregate": aggregate, "measure_batches": measure_batches,
-            "measure_train_mode": measure_train_mode, "max_iterations": max_iterations, "patience": patience,
-            "seed": seed, "sites": list(sites(self.model)), **_world_size(), **(settings or {}), **(config or {}),
-        }
-        self.run_dir = RunDir(run_dir, identity, resume=resume) if run_dir is not None else None
+        identity = {**options.identity(), "sites": list(sites(self.model)), **_world_size(), **(options.config or {})}
+        self.run_dir = RunDir(options.run_dir, identity, resume=options.resume) if options.run_dir is not None else None
 
     def start_from(self, model: nn.Module) -> None:
         """Makes ``model`` the one the run starts from (e.g. the constructor's model after
         pretraining it, which can then follow every check and the run directory's creation).
+
+        Args:
+            model: the model, converted here when it has no sites yet.
 
         Raises:
             ValueError: ``model`` does not have the sites of the constructor's model.
@@ -188,6 +148,10 @@ class Schedule:
             self.run_dir.close()
 
     # -- what a method defines -------------------------------------------------------------
+    def _prepare(self, model: nn.Module) -> None:
+        """Finds what the method needs in the converted model; called before the run directory
+        is written, so that a model the method cannot use leaves nothing behind."""
+
     def _step(self, model: nn.Module, entropies: dict[str, float]) -> Optional[dict]:
         """Changes ``model`` (a copy of the last iteration's) in place before its finetune.
 
@@ -215,7 +179,8 @@ class Schedule:
         return (len(log["linearized"]), log["val_accuracy"])
 
     def _deployable(self, model: nn.Module) -> nn.Module:
-        """The model as it is saved at the end and folded (a copy when it must change)."""
+        """The model as it is saved at the end (a copy when it must change; folding it must give
+        what folding ``model`` gives, since the fold of ``model`` is the one returned)."""
         return model
 
     # -- the loop --------------------------------------------------------------------------
@@ -225,9 +190,10 @@ class Schedule:
         Returns:
             a :class:`ScheduleResult`.
         """
-        model, trajectory = self._start()
+        model, trajectory, folded = self._start()
         dense = trajectory[0]["val_accuracy"]
-        best = self._best_so_far(trajectory, model)
+        dense_folded = folded.model if folded is not None and self.options.latency else None
+        best = self._best_so_far(trajectory, model, folded)
         while True:
             stopped = self._stop_reason(model, trajectory)
             if stopped:
@@ -246,118 +212,141 @@ class Schedule:
                 stopped = f"iteration {k}: {e}; kept the last good checkpoint"
                 break
             step = self._after_finetune(candidate, step, k)
-            accuracy = evaluate(candidate, self.val_loader, device=self.device)
-            log = self._log(k, candidate, step, entropies, history, accuracy, time.perf_counter() - t0)
+            accuracy = evaluate(candidate, self.val_loader, device=self.options.device)
+            log, folded = self._log(k, candidate, step, entropies, history, accuracy, time.perf_counter() - t0)
             trajectory.append(log)
             self._checkpoint(log, candidate)
             model = candidate
-            if dense - accuracy <= self.budget and self._rank(log) >= self._rank(best[0]):
-                best = (log, candidate)
-        return self._finish(trajectory, best, stopped)
+            if dense - accuracy <= self.options.budget and self._rank(log) >= self._rank(best[0]):
+                best = (log, candidate, folded)
+        return self._finish(trajectory, best, stopped, dense_folded)
 
-    def _start(self) -> tuple[nn.Module, list[dict]]:
+    def _start(self) -> tuple[nn.Module, list[dict], Optional[_Folded]]:
+        """The model to go on from, the iterations done, and the last one's fold when it was
+        made in this process (not after a resume)."""
         done = self.run_dir.iterations() if self.run_dir is not None else []
         if done:
             last = self.run_dir.load_checkpoint(done[-1]["iteration"])
             set_rng_state(last["rng"])
-            return last["model"], done
-        seed_everything(self.seed)
+            return last["model"], done, None
+        seed_everything(self.options.seed)
         model = copy.deepcopy(self.model)
         for s in sites(model).values():
             s.track = False  # finetune and evaluate run torch's kernels; measure_entropy counts
-        accuracy = evaluate(model, self.val_loader, device=self.device)
-        log = self._log(0, model, {"removed": []}, {}, [], accuracy, 0.0)
+        accuracy = evaluate(model, self.val_loader, device=self.options.device)
+        log, folded = self._log(0, model, {"removed": []}, {}, [], accuracy, 0.0)
         self._checkpoint(log, model)
-        return model, [log]
+        return model, [log], folded
 
     def _stop_reason(self, model: nn.Module, trajectory: list[dict]) -> str:
         """Why the loop ends before another iteration ("" to go on); also right after a resume."""
+        budget, patience, cap = self.options.budget, self.options.patience, self.options.max_iterations
         dense, accuracy = trajectory[0]["val_accuracy"], trajectory[-1]["val_accuracy"]
-        recent = trajectory[1:][-(self.patience + 1) :]
-        if len(recent) == self.patience + 1 and all(dense - log["val_accuracy"] > self.budget for log in recent):
-            after = f" for {len(recent)} iterations" if self.patience else ""
-            return f"accuracy {accuracy:.2f} dropped {dense - accuracy:.2f} points below dense {dense:.2f} (budget {self.budget}){after}"
+        recent = trajectory[1:][-(patience + 1) :]
+        if len(recent) == patience + 1 and all(dense - log["val_accuracy"] > budget for log in recent):
+            after = f" for {len(recent)} iterations" if patience else ""
+            return f"accuracy {accuracy:.2f} dropped {dense - accuracy:.2f} points below dense {dense:.2f} (budget {budget}){after}"
         if not self._remaining(model):
             return "no site left"
-        if self.max_iterations is not None and len(trajectory) > self.max_iterations:
-            return f"reached max_iterations={self.max_iterations}"
+        if cap is not None and len(trajectory) > cap:
+            return f"reached max_iterations={cap}"
         return ""
 
     def _remaining(self, model: nn.Module) -> list[str]:
-        return [n for n, s in sites(model).items() if not s.linearized and n not in self.protect]
+        return [n for n, s in sites(model).items() if not s.linearized and n not in self.options.protect]
 
     def _measure(self, model: nn.Module, k: int) -> dict[str, float]:
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(10_000 + k)  # a fixed order per iteration, so a resumed run measures the same
+        o = self.options
         result = measure_entropy(
-            model, self.train_loader, max_batches=self.measure_batches, train=self.measure_train_mode,
-            aggregate=self.aggregate, device=self.device, progress=self.progress,
+            model, self.train_loader, max_batches=o.measure_batches, train=o.measure_train_mode,
+            aggregate=o.aggregate, device=o.device, progress=o.progress,
         )
         return {name: r.entropy for name, r in result.items()}
 
     def _finetune(self, model: nn.Module) -> list[dict]:
-        if self.train_fn is not None:
-            self.train_fn(model, self.train_loader)
+        o = self.options
+        if o.train_fn is not None:
+            o.train_fn(model, self.train_loader)
             return []
-        return finetune(model, self.train_loader, self.recipe, device=self.device, progress=self.progress)
+        return finetune(model, self.train_loader, o.recipe, device=o.device, progress=o.progress)
 
-    def _log(self, k: int, model: nn.Module, step: dict, entropies: dict, history: list, accuracy: float, seconds: float) -> dict:
-        with warnings.catch_warnings():  # chains left unmerged are reported by the final fold
-            warnings.simplefilter("ignore")
+    def _fold(self, model: nn.Module) -> _Folded:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             folded = fold(model, self.example_input)
-        c = cost(folded, self.example_input, latency=self.latency)
+        return _Folded(folded, caught)
+
+    def _log(self, k: int, model: nn.Module, step: dict, entropies: dict, history: list, accuracy: float,
+             seconds: float) -> tuple[dict, _Folded]:
+        """The iteration's log, and its model folded (kept, should it be the one returned)."""
+        folded = self._fold(model)
+        c = cost(folded.model, self.example_input, latency=self.options.latency)
         linearized = [n for n, s in sites(model).items() if s.linearized]
-        return {
+        log = {
             "iteration": k, "entropies": entropies, **step, "linearized": linearized, **self._state(model),
             "finetune": history, "val_accuracy": accuracy, "params": c.params, "macs": c.macs, "depth": c.depth,
             "latency_s": c.latency_s, "wall_s": seconds,
         }
+        return log, folded
 
     def _checkpoint(self, log: dict, model: nn.Module) -> None:
         if self.run_dir is not None:
             self.run_dir.save_iteration(log, {"model": model, "rng": rng_state()})
 
-    def _best_so_far(self, trajectory: list[dict], last: nn.Module) -> tuple[dict, nn.Module]:
-        """The best iteration within the budget (see :meth:`_rank`), and its model."""
+    def _best_so_far(self, trajectory: list[dict], last: nn.Module,
+                     folded: Optional[_Folded]) -> tuple[dict, nn.Module, Optional[_Folded]]:
+        """The best iteration within the budget (see :meth:`_rank`), its model, and its fold
+        when ``folded``, the last iteration's, is it."""
         dense = trajectory[0]["val_accuracy"]
-        within = [log for log in trajectory if dense - log["val_accuracy"] <= self.budget]
+        within = [log for log in trajectory if dense - log["val_accuracy"] <= self.options.budget]
         log = max(reversed(within), key=self._rank)  # the latest of equals, as the loop keeps it
         if log is trajectory[-1]:
-            return log, last
-        return log, self.run_dir.load_checkpoint(log["iteration"])["model"]
+            return log, last, folded
+        return log, self.run_dir.load_checkpoint(log["iteration"])["model"], None
 
-    def _dense_model(self) -> nn.Module:
-        return self.run_dir.load_checkpoint(0)["model"] if self.run_dir is not None else self.model
-
-    def _finish(self, trajectory: list[dict], best: tuple[dict, nn.Module], stopped: str) -> ScheduleResult:
-        log, linearized = best
-        linearized = self._deployable(linearized)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            folded = fold(linearized, self.example_input)
+    def _finish(self, trajectory: list[dict], best: tuple[dict, nn.Module, Optional[_Folded]], stopped: str,
+                dense_folded: Optional[nn.Module]) -> ScheduleResult:
+        log, chosen, folded = best
+        linearized = self._deployable(chosen)
+        if folded is None:  # resumed: the process that folded it is gone
+            folded = self._fold(chosen)
         # chains fold could not merge exactly go into the result; other warnings are passed on
         unmerged = []
-        for w in caught:
+        for w in folded.warnings:
             if str(w.message).startswith("not merging"):
                 unmerged.append(str(w.message))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        dense = fold(self._dense_model(), self.example_input)
-        before, after = cost(dense, self.example_input, latency=False), cost(folded, self.example_input, latency=False)
-        timed = compare_latency(dense, folded, self.example_input) if self.latency else None
-        if timed is not None:  # the paired medians, so that the two latencies are comparable
+        # the costs iteration 0 and the chosen iteration logged, of these same folded models
+        before, after = (Cost(entry["params"], entry["macs"], entry["depth"]) for entry in (trajectory[0], log))
+        timed = None
+        if self.options.latency:
+            # after a resume, iteration 0's fold is gone with the process that made it
+            dense = dense_folded if dense_folded is not None else self._fold(self.run_dir.load_checkpoint(0)["model"]).model
+            timed = compare_latency(dense, folded.model, self.example_input)
+            # the paired medians, so that the two latencies are comparable
             before, after = replace(before, latency_s=timed.before_s), replace(after, latency_s=timed.after_s)
         removed = [n for entry in trajectory[1 : log["iteration"] + 1] for n in entry["removed"]]
         result = ScheduleResult(
-            folded, linearized, removed, trajectory[0]["val_accuracy"], log["val_accuracy"], before, after, trajectory, stopped,
-            log.get("sparsity"), timed, unmerged, _batch(self.example_input),
+            folded.model, linearized, removed, trajectory[0]["val_accuracy"], log["val_accuracy"], before, after, trajectory,
+            stopped, log.get("sparsity"), timed, unmerged, _batch(self.example_input),
         )
         if self.run_dir is not None:
-            self.run_dir.save_model("final_folded.pt", folded)
+            self.run_dir.save_model("final_folded.pt", folded.model)
             self.run_dir.save_model(self.unfolded_name, linearized)
             self.run_dir.write_json("summary.json", summary(result))
         return result
+
+
+class _Folded(NamedTuple):
+    """A model folded, and the warnings folding it gave (those of the returned one reach the
+    user; the others would repeat them)."""
+
+    model: nn.Module
+    warnings: list
 
 
 def _batch(example_input) -> Optional[int]:

@@ -2,9 +2,7 @@
 
 EASIER repeats: measure every site's entropy, linearize the lowest-entropy one, finetune, evaluate.
 Each finetune starts from a fresh optimizer and learning-rate schedule, as the paper does after
-every linearization. The paper's recipe is SGD with momentum 0.9, weight decay 1e-4 (5e-4 on small
-data sets), learning rate 0.1 for ResNet/MobileNet and 0.01 for VGG, decayed x0.1 at 50% and 75%
-of the epochs; AdamW and a cosine schedule are offered as alternatives.
+every linearization; what they are is the :class:`~easier_ext.methods.recipe.Recipe`'s to say.
 
 Both :func:`finetune` and :func:`evaluate` work alone or under an initialized
 ``torch.distributed`` process group, where every rank must call them (they are collective).
@@ -13,11 +11,8 @@ Both :func:`finetune` and :func:`evaluate` work alone or under an initialized
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
-import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -26,8 +21,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from easier_ext.core.checks import is_real
 from easier_ext.core.modules import EntropyActivation
+from easier_ext.core.runtime import autocast, batch_count, model_device, progress as progress_bar
+# The recipe lived here before methods.recipe; its names stay importable from this module, and
+# pickles naming easier_ext.train.Recipe (this module under its old path) still load.
+from easier_ext.methods.recipe import OPTIMIZERS, SCHEDULES, Recipe, make_optimizer, make_scheduler, require_recipe
 
 __all__ = [
     "OPTIMIZERS",
@@ -40,176 +38,7 @@ __all__ = [
     "make_scheduler",
 ]
 
-#: optimizers a :class:`Recipe` can name
-OPTIMIZERS = ("sgd", "adamw")
-#: learning-rate schedules a :class:`Recipe` can name
-SCHEDULES = ("multistep", "cosine", "constant")
-
 Device = Union[str, torch.device, None]
-
-
-# -- the recipe ----------------------------------------------------------------------------------
-@dataclass
-class Recipe:
-    """How to finetune: optimizer, learning-rate schedule and loss.
-
-    The defaults are the paper's small-data recipe with VGG's learning rate; use ``lr=0.1`` and
-    ``weight_decay=1e-4`` for ResNet/MobileNet on ImageNet-sized data.
-
-    Args:
-        epochs: passes over the training data.
-        lr: the initial learning rate.
-        optimizer: one of :data:`OPTIMIZERS`.
-        momentum: SGD's momentum (AdamW keeps its default betas).
-        weight_decay: SGD's L2 penalty, or AdamW's decoupled decay.
-        schedule: one of :data:`SCHEDULES`. ``"multistep"`` multiplies the learning rate by
-            ``gamma`` at the start of each epoch ``floor(f * epochs)`` (0-based, at least 1) for
-            ``f`` in ``milestones``; ``"cosine"`` anneals it to 0 over ``epochs``
-            (``lr * (1 + cos(pi * epoch / epochs)) / 2``); ``"constant"`` keeps it.
-        milestones: fractions of ``epochs``, strictly increasing, each in ``(0, 1]``
-            (``"multistep"`` only).
-        gamma: the multistep decay factor, in ``(0, 1]``.
-        label_smoothing: cross-entropy label smoothing, in ``[0, 1)``.
-        amp: float16 autocast with a gradient scaler on CUDA; ignored on CPU, where float16
-            matmuls are slow and bfloat16 would change the numerics of a finetune that must
-            recover accuracy.
-        max_batches: stop each epoch after this many batches (per rank), for quick runs.
-
-    Raises:
-        ValueError: a field out of range or of the wrong type; the message names the field, the
-            value and what is expected.
-    """
-
-    epochs: int = 10
-    lr: float = 0.01
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "multistep"
-    milestones: tuple[float, ...] = (0.5, 0.75)
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    amp: bool = True
-    max_batches: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        # Milestones read back from a JSON log arrive as a list; a tuple keeps the dataclass
-        # comparable and hashable-looking, and a bad element is reported by the check below.
-        if isinstance(self.milestones, (list, tuple)):
-            self.milestones = tuple(self.milestones)
-        _check("epochs", self.epochs, _is_int(self.epochs) and self.epochs >= 1, "an int >= 1")
-        _check("lr", self.lr, is_real(self.lr) and self.lr > 0, "a finite number > 0")
-        _check("optimizer", self.optimizer, self.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
-        _check("momentum", self.momentum, is_real(self.momentum) and 0 <= self.momentum < 1, "a number in [0, 1)")
-        _check("weight_decay", self.weight_decay, is_real(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0")
-        _check("schedule", self.schedule, self.schedule in SCHEDULES, f"one of {SCHEDULES}")
-        _check("milestones", self.milestones, _valid_milestones(self.milestones), "a tuple of strictly increasing fractions in (0, 1]")
-        _check("gamma", self.gamma, is_real(self.gamma) and 0 < self.gamma <= 1, "a number in (0, 1]")
-        smoothing = self.label_smoothing
-        _check("label_smoothing", smoothing, is_real(smoothing) and 0 <= smoothing < 1, "a number in [0, 1)")
-        _check("amp", self.amp, isinstance(self.amp, bool), "a bool")
-        cap = self.max_batches
-        _check("max_batches", cap, cap is None or (_is_int(cap) and cap >= 1), "None or an int >= 1")
-
-    def as_dict(self) -> dict[str, Any]:
-        """The recipe as plain JSON values; ``Recipe(**recipe.as_dict()) == recipe``.
-
-        Returns:
-            ``{field: value}``, with ``milestones`` as a list.
-        """
-        out = dataclasses.asdict(self)
-        out["milestones"] = list(self.milestones)
-        return out
-
-
-def _check(field: str, value: Any, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"Recipe.{field} must be {expected}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass, but epochs=True is a mistake, not 1 epoch
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _valid_milestones(milestones: Any) -> bool:
-    if not isinstance(milestones, tuple) or not all(is_real(f) and 0 < f <= 1 for f in milestones):
-        return False
-    return all(a < b for a, b in zip(milestones, milestones[1:]))
-
-
-def _milestone_epochs(recipe: Recipe) -> list[int]:
-    # The epsilon absorbs float error such as 0.29 * 100 == 28.999999999999996; the floor of 1
-    # keeps a decay from firing before the first epoch has trained at the full learning rate.
-    return [max(1, math.floor(f * recipe.epochs + 1e-9)) for f in recipe.milestones]
-
-
-# -- optimizer and schedule ----------------------------------------------------------------------
-def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """A new optimizer over the model's trainable parameters.
-
-    Weight decay applies to every parameter, biases and normalization weights included, as in the
-    paper's recipe.
-
-    Args:
-        model: the module to train (or a DDP wrapper of it).
-        recipe: the optimizer, learning rate, momentum and weight decay to use.
-
-    Returns:
-        ``torch.optim.SGD`` or ``torch.optim.AdamW`` with empty state.
-
-    Raises:
-        TypeError: ``recipe`` is not a :class:`Recipe`.
-        ValueError: the model has no parameter that requires grad.
-    """
-    _require_recipe(recipe)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no parameters that require grad; nothing to finetune")
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LRScheduler:
-    """A new learning-rate schedule for ``optimizer``, stepped ``steps_per_epoch`` times an epoch.
-
-    With ``steps_per_epoch=1`` (what :func:`finetune` uses) the learning rate changes between
-    epochs; with the number of batches it changes every batch, smoothly for ``"cosine"``. Either
-    way the learning rate at the start of each epoch is the one the recipe describes.
-
-    Args:
-        optimizer: the optimizer whose learning rate to drive; its current ``lr`` is the base.
-        recipe: the schedule, milestones, gamma and epochs to use.
-        steps_per_epoch: how often :meth:`step` will be called per epoch.
-
-    Returns:
-        ``MultiStepLR``, ``CosineAnnealingLR`` or a constant ``LambdaLR``.
-
-    Raises:
-        TypeError: ``recipe`` is not a :class:`Recipe`.
-        ValueError: ``steps_per_epoch`` is not an int >= 1.
-    """
-    _require_recipe(recipe)
-    if not _is_int(steps_per_epoch) or steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}")
-    sched = torch.optim.lr_scheduler
-    if recipe.schedule == "multistep":
-        milestones = [m * steps_per_epoch for m in _milestone_epochs(recipe)]
-        return sched.MultiStepLR(optimizer, milestones=milestones, gamma=recipe.gamma)
-    if recipe.schedule == "cosine":
-        return sched.CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch, eta_min=0.0)
-    return sched.LambdaLR(optimizer, _constant)
-
-
-def _constant(step: int) -> float:
-    # a module-level function rather than a lambda, so that the scheduler pickles
-    return 1.0
-
-
-def _require_recipe(recipe: Any) -> None:
-    if not isinstance(recipe, Recipe):
-        raise TypeError(f"expected an easier_ext.methods.train.Recipe, got {type(recipe).__name__}")
 
 
 # -- finetuning ----------------------------------------------------------------------------------
@@ -289,9 +118,9 @@ def finetune(
             after the last finite step, but BatchNorm running statistics have seen the failing
             batch's forward.
     """
-    _require_recipe(recipe)
+    require_recipe(recipe)
     net = _unwrap(model)
-    device = torch.device(device) if device is not None else _model_device(net)
+    device = torch.device(device) if device is not None else model_device(net)
     use_amp = recipe.amp and device.type == "cuda"
     # Fresh state on every call: the paper restarts the optimizer and the schedule after each
     # linearization, and momentum from the pre-linearization network would point the wrong way.
@@ -299,11 +128,11 @@ def finetune(
     scheduler = make_scheduler(optimizer, recipe)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    steps = _batches_per_epoch(train_loader, recipe.max_batches)
+    steps = batch_count(train_loader, recipe.max_batches)
 
     history: list[dict[str, Any]] = []
     was_training = net.training
-    bar = _progress_bar(None if steps is None else steps * recipe.epochs, desc, progress)
+    bar = progress_bar(total=None if steps is None else steps * recipe.epochs, desc=desc, enabled=progress)
     with _distributed(model, net, device) as train_model, bar:
         train_model.train()
         try:
@@ -356,7 +185,7 @@ def _train_epoch(
     samples = 0  # known on the host without a sync
     for index, batch in enumerate(itertools.islice(loader, max_batches)):
         inputs, targets = _split_batch(batch, device)
-        with _autocast(device, use_amp):
+        with autocast(device, use_amp):
             logits = model(inputs)
             loss = criterion(logits, targets)
         _check_finite(loss, epoch, index)
@@ -423,14 +252,6 @@ def _set_epoch(loader: Iterable, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def _batches_per_epoch(loader: Iterable, max_batches: Optional[int]) -> Optional[int]:
-    try:
-        n = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return max_batches
-    return n if max_batches is None else min(n, max_batches)
-
-
 # -- evaluation ----------------------------------------------------------------------------------
 def evaluate(model: nn.Module, loader: Iterable, *, device: Device = None, amp: bool = False) -> float:
     """Top-1 accuracy in percent, in eval mode without gradients.
@@ -455,14 +276,14 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: Device = None, amp: 
         ValueError: no targets at all (on every rank).
     """
     net = _unwrap(model)
-    device = torch.device(device) if device is not None else _model_device(net)
+    device = torch.device(device) if device is not None else model_device(net)
     use_amp = amp and device.type == "cuda"
     correct = torch.zeros((), dtype=torch.float64, device=device)
     total = 0
     was_training = net.training
     net.eval()
     try:
-        with torch.no_grad(), _autocast(device, use_amp):
+        with torch.no_grad(), autocast(device, use_amp):
             for batch in loader:
                 inputs, targets = _split_batch(batch, device)
                 correct += _correct(net(inputs), targets)
@@ -489,18 +310,8 @@ def _split_batch(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
     return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast("cuda", dtype=torch.float16) if enabled else contextlib.nullcontext()
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def _model_device(net: nn.Module) -> torch.device:
-    for t in itertools.chain(net.parameters(), net.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _world_size() -> int:
@@ -531,8 +342,3 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor(value, dtype=torch.float64, device=_collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
-
-
-def _progress_bar(total: Optional[int], desc: str, enabled: bool) -> tqdm:
-    rank0 = _world_size() == 1 or dist.get_rank() == 0
-    return tqdm(total=total, desc=desc, unit="batch", disable=not (enabled and rank0), leave=False)

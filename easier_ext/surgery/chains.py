@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from easier_ext.surgery.merge import composed_macs
+from easier_ext.surgery.macs import segment_macs
 
 __all__ = ["Chain", "find_chains", "plan_segments", "intermediate_padding_is_zero"]
 
@@ -102,26 +102,6 @@ def intermediate_padding_is_zero(convs: Sequence[_ConvNd]) -> bool:
     )
 
 
-def own_macs(layers: Sequence[Layer]) -> int:
-    """MACs per output element (all output channels of one output position) of the layers
-    merged into one, or of the single layer."""
-    if len(layers) == 1:
-        m = layers[0]
-        if isinstance(m, nn.Linear):
-            return m.in_features * m.out_features
-        return m.in_channels // m.groups * m.out_channels * math.prod(m.kernel_size)
-    if isinstance(layers[0], nn.Linear):
-        return layers[0].in_features * layers[-1].out_features
-    return composed_macs(layers)
-
-
-def _positions_per_output(layers: Sequence[Layer]) -> int:
-    """How many output positions of the layer before ``layers`` feed one of their output's."""
-    if isinstance(layers[0], nn.Linear):
-        return 1
-    return math.prod(math.prod(c.stride) for c in layers)
-
-
 def plan_segments(
     layers: Sequence[Layer],
     *,
@@ -130,9 +110,9 @@ def plan_segments(
 ) -> tuple[Segments, float, float]:
     """The cheapest way to cut a chain into runs that are each merged into one layer.
 
-    Costs are MACs per output position of the chain's last layer (border effects ignored), so no
-    input size is needed; pass ``segment_cost`` to use another measure (e.g. measured time),
-    which must then already be per whole chain output.
+    Costs are :func:`easier_ext.surgery.macs.segment_macs`, per output position of the chain's
+    last layer (border effects ignored), so no input size is needed; pass ``segment_cost`` to use
+    another measure (e.g. measured time), which must then already be per whole chain output.
 
     Args:
         layers: the chain.
@@ -149,7 +129,7 @@ def plan_segments(
     def cost(i: int, j: int) -> float:
         if segment_cost is not None:
             return segment_cost(layers[i:j])
-        return own_macs(layers[i:j]) * _positions_per_output(layers[j:]) if j < n else own_macs(layers[i:j])
+        return segment_macs(layers, i, j)
 
     def allowed(i: int, j: int) -> bool:
         if j - i == 1 or isinstance(layers[0], nn.Linear):

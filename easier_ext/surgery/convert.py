@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
-import math
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
@@ -13,6 +10,9 @@ from typing import Callable, Mapping, Optional, Union
 import torch.fx as fx
 from torch import nn
 
+from easier_ext.core.modules import EntropyActivation
+from easier_ext.core.sites import sites
+from easier_ext.surgery.converted import ignore_counts_in_ddp, order_by_execution, order_children_by_use, passed_over
 from easier_ext.surgery.faithful import (
     OWNER,
     CallerTracer,
@@ -25,16 +25,13 @@ from easier_ext.surgery.faithful import (
 )
 from easier_ext.surgery.tracing import (
     FUNCTIONAL_RECTIFIERS,
-    METHOD_RECTIFIERS,
     RECTIFIER_MODULES,
-    FoldTracer,
     ShallowTracer,
     is_sequential,
     module_from_call,
+    may_call_rectifiers,
     rectifier_spec,
 )
-from easier_ext.core.modules import EntropyActivation
-from easier_ext.core.sites import site, sites
 
 __all__ = ["convert", "UntraceableSiteError"]
 
@@ -44,12 +41,6 @@ ChannelDim = Union[int, Mapping[str, int], None]
 _CHANNEL_LAST_PRODUCERS = (nn.Linear, nn.LayerNorm, nn.Bilinear)
 # Layers that pass their input through unchanged in shape, looked through to find the producer.
 _PASS_THROUGH = (nn.Dropout, nn.Identity)
-# A forward whose source names a rectifier function, method or module may call one.
-_RECTIFIER_NAME = re.compile(
-    r"\b({})\b".format("|".join(sorted(
-        {f.__name__ for f in FUNCTIONAL_RECTIFIERS} | set(METHOD_RECTIFIERS) | {m.__name__ for m in RECTIFIER_MODULES}
-    )))
-)
 
 
 class UntraceableSiteError(RuntimeError):
@@ -121,7 +112,7 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
             f"{', '.join(converter.unused)}", stacklevel=2,
         )
     found = sites(model)
-    passed = _passed_over(model)
+    passed = passed_over(model)
     if not found:
         raise ValueError(
             f"{type(model).__name__} has no rectifier call site ({', '.join(m.__name__ for m in RECTIFIER_MODULES)} modules, "
@@ -130,25 +121,9 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
         )
     if passed:
         warnings.warn(f"convert passed over {passed}", stacklevel=2)
-    _order_by_execution(model)
-    _ignore_counts_in_ddp(model, found)
+    order_by_execution(model)
+    ignore_counts_in_ddp(model, found)
     return model
-
-
-# activations shaped like a rectifier (nearly linear on one side of a point) that have no easier_ext
-# site yet: a model's entropy picture leaves them out, which the user should know
-_UNTRACKED_ACTIVATIONS = (nn.Hardsigmoid, nn.SELU, nn.CELU, nn.Softplus, nn.RReLU, nn.Threshold)
-
-
-def _passed_over(model: nn.Module) -> str:
-    """The untracked activation modules of ``model``, in words ("" when none)."""
-    found: dict[str, list[str]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, _UNTRACKED_ACTIVATIONS):
-            found.setdefault(type(m).__name__, []).append(name)
-    parts = [f"{len(names)} {kind} module{'s' * (len(names) > 1)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-             for kind, names in found.items()]
-    return f"{' and '.join(parts)}, which easier_ext has no site for" if parts else ""
 
 
 @dataclass
@@ -196,7 +171,7 @@ class _Converter:
         own = None
         if is_sequential(module):
             self._convert_sequential(module, path)
-        elif _may_call_rectifiers(module):
+        elif may_call_rectifiers(module):
             module, own = self._convert_traced(module, path)
         if pending and own is None:
             pending = self._convert_from_caller(module, path, pending)
@@ -264,7 +239,7 @@ class _Converter:
         for node in calls:
             producer = _producer(module.get_submodule, node)
             setattr(module, node.target, self._site(getattr(module, node.target), _join(path, node.target), producer))
-        _order_children_by_use(module, graph)
+        order_children_by_use(module, graph)
         return module
 
     def _convert_from_caller(self, caller: nn.Module, path: str, pending: list[_Pending]) -> list[_Pending]:
@@ -364,28 +339,9 @@ class _Converter:
             if name not in replaced:
                 gm._modules[name] = child
         gm._modules.update(new_sites)
-        _order_children_by_use(gm, graph)
+        order_children_by_use(gm, graph)
         gm.recompile()
         return gm
-
-def _may_call_rectifiers(module: nn.Module) -> bool:
-    """Whether tracing ``module``'s forward could find a rectifier call.
-
-    torch.nn's own leaf layers never call one; everything else either has rectifier children or
-    may call one functionally, which only its source can tell without tracing.
-    """
-    if any(isinstance(c, RECTIFIER_MODULES) for c in module.children()):
-        return True
-    if type(module).__module__.startswith("torch.nn.") and not list(module.children()):
-        return False
-    if isinstance(module, fx.GraphModule):
-        return _RECTIFIER_NAME.search(module.code) is not None
-    try:
-        source = inspect.getsource(type(module))
-    except (OSError, TypeError):
-        return True  # no source to read: trace to be sure
-    return _RECTIFIER_NAME.search(source) is not None
-
 
 def _swappable(calls: list[fx.Node], rel: str) -> Optional[dict[str, fx.Node]]:
     """The rectifier children (name: first call) of the module at ``rel`` when ``calls``, its
@@ -432,45 +388,6 @@ def _read_result_after(graph: fx.Graph, source: fx.Node, result: fx.Node) -> Non
             after = True
         elif after and source in node.all_input_nodes:
             node.replace_input_with(source, result)
-
-
-def _order_children_by_use(root: nn.Module, graph: fx.Graph) -> None:
-    """Orders the children of ``root`` and of every module below it by their first use in
-    ``graph`` (a trace of ``root``), so that :func:`sites` lists sites in execution order.
-
-    Containers whose order is their meaning (Sequential, ModuleList, ModuleDict: indexing and
-    iteration follow it) keep it; children the graph never uses keep their place after the used
-    ones."""
-    first: dict[str, int] = {}
-    for i, node in enumerate(graph.nodes):
-        if node.op in ("call_module", "get_attr"):
-            parts = str(node.target).split(".")
-            for depth in range(1, len(parts) + 1):
-                first.setdefault(".".join(parts[:depth]), i)
-    for name, module in list(root.named_modules()):
-        if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or not module._modules:
-            continue
-        prefix = f"{name}." if name else ""
-        order = sorted(module._modules, key=lambda child: first.get(prefix + child, math.inf))
-        module._modules = {child: module._modules[child] for child in order}
-
-
-def _order_by_execution(model: nn.Module) -> None:
-    """Orders every module by first use in the whole model's forward (see
-    :func:`_order_children_by_use`), also where a parent that calls no rectifier itself registers
-    its children in another order; a model torch.fx cannot trace keeps its order."""
-    try:
-        graph = FoldTracer().trace(model)
-    except Exception:  # fx raises many types; the order is a nicety, never worth failing for
-        return
-    _order_children_by_use(model, graph)
-
-
-def _ignore_counts_in_ddp(model: nn.Module, found: dict[str, EntropyActivation]) -> None:
-    """DDP must not broadcast rank 0's counts over the other ranks' (measurement all-reduces them)."""
-    names = [f"{name}.{buf}" for name in found for buf in ("on_counts", "observations")]
-    existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    model._ddp_params_and_buffers_to_ignore = existing + [n for n in names if n not in existing]
 
 
 def _get_path(module: nn.Module, target: str):

@@ -1,9 +1,10 @@
 """What a model costs (parameters, MACs, depth, latency), to compare it before and after depth
-reduction (rectifiers removed, linear layers merged).
+reduction (rectifiers removed, linear layers merged). The MACs are counted by ``macs``, the
+latency timed by ``latency``; the parameters and the depth are counted here.
 
 Example::
 
-    from easier_ext.cost import compare, cost
+    from easier_ext import compare, cost
 
     before = cost(model, x)
     after = cost(reduced, x)
@@ -12,33 +13,31 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import random
-import re
-import statistics
-import time
-import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
-from easier_ext.core.modules import EntropyActivation
+from easier_ext.surgery.inference import as_args, measuring
+from easier_ext.surgery.latency import (
+    BACKENDS,
+    LatencyComparison,
+    backend_forward,
+    best_latency,
+    check_backend,
+    check_threads,
+    compare_latency,
+    format_seconds,
+)
+from easier_ext.surgery.macs import count_macs
 
+# BACKENDS, LatencyComparison and compare_latency live in ``latency``; they stay importable from
+# here, where the package and its users have always imported them.
 __all__ = ["BACKENDS", "Cost", "LatencyComparison", "compare", "compare_latency", "cost"]
-
-#: what a latency can be timed in: ``"eager"`` (the PyTorch model as it is) or ``"onnxruntime"``
-#: (the model exported to ONNX, run by an ONNX Runtime CPU session; needs ``easier_ext[onnx]``)
-BACKENDS = ("eager", "onnxruntime")
-
-aten = torch.ops.aten
 
 #: aten ops that are one conv / linear / matmul layer on the path they lie on. make_fx records
 #: ``convolution``, ``mm``, ``addmm``, ``bmm`` and ``baddbmm`` for the torch.nn layers; the
@@ -118,48 +117,6 @@ _SHAPE_ONLY_OPS = frozenset(
         "sym_stride",
     )
 )
-
-
-# FlopCounterMode has no formula for these, and an op without one counts zero flops: the fused CPU
-# attention kernel (what scaled_dot_product_attention runs on CPU when it can), and matrix-vector
-# products (what a torch.nn.Linear runs on an unbatched, 1-d input).
-def _attention_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    # q @ k^T, then softmax(.) @ v; leading dims of q are the batch (and heads, which grouped-query
-    # attention broadcasts k and v to)
-    batch = math.prod(q_shape[:-2])
-    (length, e), source, ev = q_shape[-2:], k_shape[-2], v_shape[-1]
-    return 2 * batch * length * source * (e + ev)
-
-
-def _native_mha_flop(q_shape, k_shape, v_shape, embed_dim, *args, out_shape=None, **kwargs) -> int:
-    # what nn.MultiheadAttention's fast path (eval, no grad) runs in one op: the q, k and v
-    # projections, q @ k^T and softmax(.) @ v over all heads, and the output projection
-    batch, (length, e), source = math.prod(q_shape[:-2]), q_shape[-2:], k_shape[-2]
-    macs = batch * (length * e * e + 2 * source * e * e + 2 * length * source * e + length * e * e)
-    return 2 * macs
-
-
-def _mv_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * a_shape[0] * a_shape[1]
-
-
-def _addmv_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    return _mv_flop(a_shape, b_shape)
-
-
-def _dot_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * a_shape[0]
-
-
-_EXTRA_FLOP_FORMULAS = {
-    aten._scaled_dot_product_flash_attention_for_cpu: _attention_flop,
-    aten._scaled_dot_product_fused_attention_overrideable: _attention_flop,
-    aten._native_multi_head_attention: _native_mha_flop,
-    aten.mv: _mv_flop,
-    aten.addmv: _addmv_flop,
-    aten.dot: _dot_flop,
-    aten.vdot: _dot_flop,
-}
 
 
 @dataclass(frozen=True)
@@ -246,115 +203,21 @@ def cost(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    args = _as_args(example_input)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    args = as_args(example_input)
+    check_threads(threads)
     if not min_run_time > 0:
         raise ValueError(f"min_run_time must be positive, got {min_run_time!r}")
-    _check_backend(backend)
+    check_backend(backend)
 
-    with _measuring(model), torch.no_grad():
+    with measuring(model), torch.no_grad():
         params = _count_params(model)
-        macs = _count_macs(model, args)
+        macs = count_macs(model, args)
         depth = _longest_chain(_trace(model, args).graph)
         latency_s = None
         if latency:
             threads = threads or torch.get_num_threads()
-            latency_s = _best_latency(_forward(model, args, backend, threads), threads, min_run_time)
+            latency_s = best_latency(backend_forward(model, args, backend, threads), threads, min_run_time)
     return Cost(params=params, macs=macs, depth=depth, latency_s=latency_s)
-
-
-@dataclass
-class LatencyComparison:
-    """Two models timed against each other in paired rounds (see :func:`compare_latency`).
-
-    Attributes:
-        before_s, after_s: median seconds of one forward of each model.
-        speedup: the median over rounds of before / after in the same round.
-        low, high: the quartiles of those per-round ratios.
-        rounds: how many rounds were timed.
-    """
-
-    before_s: float
-    after_s: float
-    speedup: float
-    low: float
-    high: float
-    rounds: int
-
-    @property
-    def measurable(self) -> bool:
-        """Whether the middle half of the rounds agree on the direction (1 is not inside it)."""
-        return not self.low <= 1.0 <= self.high
-
-    def __str__(self) -> str:
-        spread = f"{self.low:.2f}-{self.high:.2f}x over the middle half of {self.rounds} paired rounds"
-        if not self.measurable:
-            return f"no measurable change ({spread})"
-        return f"{self.speedup:.2f}x {'faster' if self.speedup > 1 else 'slower'} ({spread})"
-
-    def as_dict(self) -> dict:
-        """The fields as a plain dict, for JSON logs."""
-        return dataclasses.asdict(self)
-
-
-def compare_latency(before: nn.Module, after: nn.Module, example_input: Any, *, rounds: int = 30,
-                    threads: int | None = None, backend: str = "eager") -> LatencyComparison:
-    """Times two models' forwards against each other: each round runs one forward of each, in a
-    random order, so that both see the same machine (other load, caches, the allocator's state) and
-    slow drifts of the load cancel out in the per-round ratio, where two separate timings can each
-    be anything. Eval mode and ``no_grad`` as in :func:`cost`; sites do not count.
-
-    Args:
-        before: the original model.
-        after: the reduced model.
-        example_input: a tensor, or a tuple of the models' positional arguments.
-        rounds: the rounds to time (after one warm-up forward of each), at least 4.
-        threads: CPU threads; ``None`` keeps ``torch.get_num_threads()``.
-        backend: what runs each forward: ``"eager"`` or ``"onnxruntime"`` (each model exported
-            to ONNX once, before the rounds, as in :func:`cost`).
-
-    Returns:
-        :class:`LatencyComparison`.
-
-    Raises:
-        ValueError: ``rounds`` below 4, ``threads`` not positive, or ``backend`` not one of
-            :data:`BACKENDS`.
-        easier_ext.surgery.export.MissingDependencyError, easier_ext.surgery.export.ExportError: as :func:`cost`
-            with ``backend="onnxruntime"``.
-    """
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 4:
-        raise ValueError(f"rounds must be an int >= 4 (the ratio's quartiles need them), got {rounds!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    _check_backend(backend)
-    args = _as_args(example_input)
-    cuda = backend == "eager" and any(a.is_cuda for a in args if isinstance(a, torch.Tensor))
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    times = {"before": [], "after": []}
-    order = list(times)
-    rng = random.Random(0)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads or previous)
-        with _measuring(before), _measuring(after), torch.no_grad():
-            forwards = {k: _forward(m, args, backend, threads or previous) for k, m in zip(order, (before, after))}
-            for forward in forwards.values():
-                forward()  # warm-up
-            for _ in range(rounds):
-                rng.shuffle(order)
-                for k in order:
-                    sync()
-                    t0 = time.perf_counter()
-                    forwards[k]()
-                    sync()
-                    times[k].append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(previous)
-    ratios = [b / a for b, a in zip(times["before"], times["after"])]
-    low, _, high = statistics.quantiles(ratios, n=4)
-    return LatencyComparison(statistics.median(times["before"]), statistics.median(times["after"]),
-                             statistics.median(ratios), low, high, rounds)
 
 
 def compare(before: Cost, after: Cost) -> str:
@@ -386,56 +249,7 @@ def compare(before: Cost, after: Cost) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-# -- measurements ----------------------------------------------------------------------------
-
-
-def _as_args(example_input: Any) -> tuple:
-    """The model's positional arguments."""
-    if isinstance(example_input, torch.Tensor):
-        return (example_input,)
-    # A list is refused rather than guessed at: it could be one argument or several.
-    if isinstance(example_input, tuple) and any(isinstance(a, torch.Tensor) for a in example_input):
-        return example_input
-    raise TypeError(
-        "example_input must be a tensor or a tuple of the model's positional arguments holding at least one tensor, "
-        f"got {_describe(example_input)}"
-    )
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, tuple):
-        return f"a tuple of ({', '.join(type(v).__name__ for v in value)})"
-    return type(value).__name__
-
-
-@contextlib.contextmanager
-def _measuring(model: nn.Module) -> Iterator[None]:
-    """Eval mode, easier_ext sites not counting, for the duration; then every module's flags and
-    buffers as they were.
-
-    Flags are restored module by module, since a model may mix training and eval submodules on
-    purpose (a frozen BatchNorm). Buffers are restored because a forward may write them (a
-    counter), and the measurement runs many forwards.
-    """
-    training = {m: m.training for m in model.modules()}
-    tracking = {m: m.track for m in model.modules() if isinstance(m, EntropyActivation)}
-    buffers = [(m, name, b, b.clone()) for m in model.modules() for name, b in m.named_buffers(recurse=False)]
-    try:
-        model.eval()
-        for m in tracking:
-            # a counting site would run its counting kernel (not what inference runs) and count
-            m.track = False
-        yield
-    finally:
-        for m, flag in training.items():
-            m.training = flag
-        for m, flag in tracking.items():
-            m.track = flag
-        with torch.no_grad():
-            for m, name, original, value in buffers:
-                setattr(m, name, original)  # a forward may have rebound it to a new tensor
-                if not torch.equal(original, value):
-                    original.copy_(value)
+# -- params and depth ------------------------------------------------------------------------
 
 
 def _count_params(model: nn.Module) -> int:
@@ -448,35 +262,6 @@ def _count_params(model: nn.Module) -> int:
             )
         total += p.numel()
     return total
-
-
-def _count_macs(model: nn.Module, args: tuple) -> int:
-    """Multiply-accumulates of one forward: FlopCounterMode counts a MAC as two flops. An op that
-    multiplies and accumulates but has no formula would count zero: it is named in a warning."""
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-    ran = _OpsRun()
-    with counter, ran:
-        model(*args)
-    uncounted = sorted({str(op) for op in ran.ops if op not in counter.flop_registry and _MAC_OP.search(str(op))})
-    if uncounted:
-        warnings.warn(f"easier_ext.cost: no MAC count for {', '.join(uncounted)}; the MACs reported leave them out", stacklevel=3)
-    return counter.get_total_flops() // 2
-
-
-# names of aten ops that multiply and accumulate (a matmul, a convolution, attention, ...)
-_MAC_OP = re.compile(r"conv|mm\b|mm_|matmul|linear|attention|einsum|bmm|addmv|\bdot|baddbmm|addbmm|mkldnn|quantized")
-
-
-class _OpsRun(TorchDispatchMode):
-    """Records the op packets a forward runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: set = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.overloadpacket)
-        return func(*args, **(kwargs or {}))
 
 
 def _trace(model: nn.Module, args: tuple) -> fx.GraphModule:
@@ -547,32 +332,6 @@ def _op_name(target: Any) -> str | None:
     return target.name() if isinstance(target, torch._ops.OpOverload) else None
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-
-
-def _forward(model: nn.Module, args: tuple, backend: str, threads: int) -> Callable[[], Any]:
-    """One forward of ``model`` on ``args`` in ``backend``, as a call of no arguments: what the
-    timing loops run (the ONNX export happens here, once, before any timing)."""
-    if backend == "onnxruntime":
-        from easier_ext.surgery.export import onnxruntime_runner
-
-        return onnxruntime_runner(model, args, threads=threads)
-    return lambda: model(*args)
-
-
-def _best_latency(forward: Callable[[], Any], threads: int, min_run_time: float) -> float:
-    """Seconds of one ``forward()`` in the fastest of the timed blocks (Timer synchronizes CUDA
-    around each block): other load on the machine only ever slows a block down, so the fastest is
-    the model's own time, where a median or a single block can be any of them."""
-    # Imported here: torch.utils.benchmark imports cpp_extension, which warns on import without CUDA.
-    from torch.utils.benchmark import Timer
-
-    timer = Timer("forward()", globals={"forward": forward}, num_threads=threads)
-    return min(timer.blocked_autorange(min_run_time=min_run_time).times)
-
-
 # -- formatting ------------------------------------------------------------------------------
 
 
@@ -582,16 +341,6 @@ def _si(n: int, unit: str = "") -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {prefix}{unit}"
     return f"{n} {unit.lstrip()}".rstrip()
-
-
-def format_seconds(s: float | None) -> str:
-    """``0.00421`` is ``"4.21 ms"``; ``"-"`` for None or a non-finite value (not measured)."""
-    if s is None or not math.isfinite(s):
-        return "-"
-    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
-        if s >= scale:
-            return f"{s / scale:.2f} {unit}"
-    return f"{s * 1e9:.0f} ns"
 
 
 def _ratio(before: float | None, after: float | None) -> str:

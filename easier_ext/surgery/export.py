@@ -16,7 +16,7 @@ from a copy: the model given is left as it was. A model may still hold easier_ex
 (:class:`easier_ext.EntropyActivation`): each is exported as its torch module (``to_torch()``:
 ``nn.ReLU``, ..., ``nn.Identity`` once linearized) and a site linearized with a per-neuron
 multiplier as that multiplication, so an exported file never needs easier_ext (nor its custom
-ops). Folding first (:func:`easier_ext.surgery.fold`, or a run's ``final_folded.pt``) is still what makes
+ops). Folding first (:func:`easier_ext.fold`, or a run's ``final_folded.pt``) is still what makes
 the exported model shallower: export does not merge layers.
 """
 
@@ -193,7 +193,7 @@ def _write_checked(path, data: bytes, format: str, what: str, run: Callable[[], 
     return Exported(path, format, difference, dynamic_batch)
 
 
-# -- the ONNX Runtime backend of easier_ext.surgery.costs ---------------------------------------------
+# -- the ONNX Runtime backend of easier_ext.surgery.latency ---------------------------------------------
 
 
 def onnxruntime_runner(model: nn.Module, example_input: Any, *, threads: int | None = None) -> Callable[[], Any]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -30,7 +29,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from easier_ext.surgery.tracing import ShallowTracer
+from easier_ext.surgery.tracing import ShallowTracer, TraceError, trace
 
 __all__ = [
     "OWNER", "INDEX", "Unfaithful", "faithful_trace", "optional_parameters", "CallerTracer", "Invocation", "specialization",
@@ -289,12 +288,9 @@ class SpecializingTracer(ShallowTracer):
 
 def _trace(tracer: fx.Tracer, root: nn.Module, concrete_args: dict[str, Any]) -> fx.Graph:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.fx warns of fixed constants it cannot check: specialization refuses those
-            return tracer.trace(root, concrete_args or None)
-    except Exception as e:  # fx raises TraceError, TypeError, NameError, AssertionError, ...
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        raise Unfaithful(f"torch.fx: {type(e).__name__}: {first_line}") from e
+        return trace(root, tracer, concrete_args)
+    except TraceError as e:
+        raise Unfaithful(f"torch.fx: {e.reason}") from e
 
 
 @contextlib.contextmanager

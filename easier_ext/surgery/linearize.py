@@ -9,10 +9,12 @@ from typing import Iterable, Union
 import torch.fx as fx
 from torch import nn
 
-from easier_ext.surgery.chains import find_chains, plan_segments
-from easier_ext.core.sites import site as find_site
-from easier_ext.surgery.fold import is_batch_norm_in_eval, planning_graph
 from easier_ext.core.modules import EntropyActivation
+from easier_ext.core.sites import site as find_site
+from easier_ext.surgery.chains import find_chains, plan_segments
+from easier_ext.surgery.fold_graph import planning_graph
+from easier_ext.surgery.fold_static import is_batch_norm_in_eval
+from easier_ext.surgery.tracing import TraceError
 
 __all__ = ["LINEARIZE_MODES", "linearize", "mergeable_layers", "move_padding"]
 
@@ -27,13 +29,13 @@ def linearize(model: nn.Module, names: Union[str, Iterable[str]], *, mode: str =
     """Linearizes sites of a converted model, in place.
 
     Args:
-        model: a converted model (see :func:`easier_ext.surgery.convert`).
+        model: a converted model (see :func:`easier_ext.convert`).
         names: a site name or several (see :func:`easier_ext.sites`).
         mode: one of :data:`LINEARIZE_MODES`; ``"mask"`` and ``"auto"`` use the sites' counts from
             the last measurement.
         prepare_fold: also move the padding of every conv chain that now pays to merge to the
             chain's first conv (see :func:`move_padding`), so that finetuning adapts to it and
-            :func:`easier_ext.surgery.fold` merges it exactly.
+            :func:`easier_ext.fold` merges it exactly.
 
     Returns:
         the convs whose padding moved (qualified names), empty when none.
@@ -71,7 +73,7 @@ def move_padding(model: nn.Module) -> list[str]:
     Two "same"-padded convs with a linear map between them merge exactly only if the chain's
     padding is applied once, at its input: the intermediate map is then computed at the border
     rather than zero-padded. This changes the model's function near the borders (finetune after
-    it); it is what makes :func:`easier_ext.surgery.fold` exact. A conv ``k`` giving its padding ``p`` to
+    it); it is what makes :func:`easier_ext.fold` exact. A conv ``k`` giving its padding ``p`` to
     the conv before it (stride ``s``) makes that conv pad ``s * p`` more, so the chain's output size
     does not change. Only runs that the MACs model says pay to merge are touched.
 
@@ -112,8 +114,8 @@ def _runs_that_pay(model: nn.Module) -> list:
     """The runs of layers (with linearized sites, BatchNorm, dropout between) worth merging."""
     try:
         graph = planning_graph(model)
-    except Exception as e:  # fx raises many types
-        warnings.warn(f"torch.fx could not trace {type(model).__name__} ({e}); cannot plan merges, so no padding is moved", stacklevel=3)
+    except TraceError as e:
+        warnings.warn(f"{e}; cannot plan merges, so no padding is moved", stacklevel=3)
         return []
     runs = []
     for chain in find_chains(graph, model, _transparent(model)):

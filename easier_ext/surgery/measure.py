@@ -10,11 +10,12 @@ from typing import Any, Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from easier_ext.core.checks import is_int
 from easier_ext.core.sites import sites as list_sites
 from easier_ext.core.entropy import AGGREGATES, binary_entropy, layer_entropy
 from easier_ext.core.modules import EntropyActivation
+from easier_ext.core.runtime import autocast, batch_count, model_device, progress as progress_bar
 
 __all__ = ["SiteEntropy", "measure_entropy", "ESTIMATORS"]
 
@@ -78,7 +79,7 @@ def measure_entropy(
     naming it, and so a schedule never linearizes it.
 
     Args:
-        model: a converted model (see :func:`easier_ext.surgery.convert`), or a DDP wrapper of one.
+        model: a converted model (see :func:`easier_ext.convert`), or a DDP wrapper of one.
         loader: iterable of batches: a tensor, or a tuple/list whose first item is the input,
             or a dict with an ``"input"`` key.
         max_batches: stop after this many batches (per rank).
@@ -96,7 +97,7 @@ def measure_entropy(
         ValueError: no sites, an empty loader, no site reached by any batch, an unknown
             aggregate or estimator, ``max_batches`` below 1.
     """
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+    if max_batches is not None and (not is_int(max_batches) or max_batches < 1):
         raise ValueError(f"max_batches must be an int >= 1 (or None for the whole loader), got {max_batches!r}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"unknown entropy aggregate {aggregate!r}; expected one of {AGGREGATES}")
@@ -107,13 +108,13 @@ def measure_entropy(
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     found = {n: s for n, s in list_sites(net).items() if not s.linearized}
     if not found:
-        raise ValueError(f"{type(net).__name__} has no sites left to measure (none, or all linearized); call easier_ext.surgery.convert(model) first")
-    device = torch.device(device) if device is not None else _model_device(net)
+        raise ValueError(f"{type(net).__name__} has no sites left to measure (none, or all linearized); call easier_ext.convert(model) first")
+    device = torch.device(device) if device is not None else model_device(net)
 
     reference = _ReferenceEstimator(found) if estimator == "easier_reference" else None
     batches = 0
-    with _measuring(net, found, train, counting=reference is None), torch.no_grad(), _autocast(device, amp):
-        for batch in _progress(loader, max_batches, progress):
+    with _measuring(net, found, train, counting=reference is None), torch.no_grad(), autocast(device, amp):
+        for batch in progress_bar(loader, total=batch_count(loader, max_batches), desc="measuring entropy", enabled=progress):
             net(_to_device(_input_of(batch), device))
             batches += 1
             if batches == max_batches:
@@ -261,29 +262,3 @@ def _to_device(x: Any, device: torch.device) -> Any:
         return x.to(device, non_blocking=True)
     raise TypeError(f"expected each batch's input to be a tensor, got {type(x).__name__}")
 
-
-def _model_device(net: nn.Module) -> torch.device:
-    for t in net.parameters():
-        return t.device
-    for t in net.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _autocast(device: torch.device, amp: Union[bool, torch.dtype]):
-    if amp is False:
-        return contextlib.nullcontext()
-    dtype = amp if isinstance(amp, torch.dtype) else (torch.float16 if device.type == "cuda" else torch.bfloat16)
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _progress(loader: Iterable, max_batches: Optional[int], enabled: bool):
-    total = None
-    try:
-        total = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    return tqdm(loader, total=total, desc="measuring entropy", unit="batch", disable=not (enabled and rank0), leave=False)

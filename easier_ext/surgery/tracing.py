@@ -3,6 +3,9 @@ and tracers that stop at the right modules."""
 
 from __future__ import annotations
 
+import inspect
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -11,10 +14,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from easier_ext.core.modules import _SUBCLASS_FOR, EntropyActivation
+from easier_ext.core.modules import TRACKED_MODULES, EntropyActivation
 
-#: torch.nn rectifier modules that :func:`easier_ext.surgery.convert` replaces.
-RECTIFIER_MODULES = tuple(_SUBCLASS_FOR)
+#: torch.nn rectifier modules that :func:`easier_ext.convert` replaces.
+RECTIFIER_MODULES = tuple(TRACKED_MODULES)
 
 
 @dataclass(frozen=True)
@@ -23,12 +26,15 @@ class _FunctionalSpec:
     params: tuple  # the call's parameter names, in order
     defaults: dict
     inplace: bool = False  # the call writes into its input whatever its arguments say
+    module_args: tuple = ()  # the parameters that are the module's constructor arguments, in order
 
 
 _RELU = _FunctionalSpec(nn.ReLU, ("input", "inplace"), {"inplace": False})
 _RELU_ = _FunctionalSpec(nn.ReLU, ("input",), {}, inplace=True)
-_LEAKY = _FunctionalSpec(nn.LeakyReLU, ("input", "negative_slope", "inplace"), {"negative_slope": 0.01, "inplace": False})
-_LEAKY_ = _FunctionalSpec(nn.LeakyReLU, ("input", "negative_slope"), {"negative_slope": 0.01}, inplace=True)
+_LEAKY = _FunctionalSpec(nn.LeakyReLU, ("input", "negative_slope", "inplace"), {"negative_slope": 0.01, "inplace": False},
+                         module_args=("negative_slope",))
+_LEAKY_ = _FunctionalSpec(nn.LeakyReLU, ("input", "negative_slope"), {"negative_slope": 0.01}, inplace=True,
+                          module_args=("negative_slope",))
 
 #: call_function targets that are rectifiers
 FUNCTIONAL_RECTIFIERS: dict[Callable, _FunctionalSpec] = {
@@ -39,11 +45,11 @@ FUNCTIONAL_RECTIFIERS: dict[Callable, _FunctionalSpec] = {
     F.relu6: _FunctionalSpec(nn.ReLU6, ("input", "inplace"), {"inplace": False}),
     F.leaky_relu: _LEAKY,
     F.leaky_relu_: _LEAKY_,
-    F.gelu: _FunctionalSpec(nn.GELU, ("input", "approximate"), {"approximate": "none"}),
+    F.gelu: _FunctionalSpec(nn.GELU, ("input", "approximate"), {"approximate": "none"}, module_args=("approximate",)),
     F.silu: _FunctionalSpec(nn.SiLU, ("input", "inplace"), {"inplace": False}),
     F.hardswish: _FunctionalSpec(nn.Hardswish, ("input", "inplace"), {"inplace": False}),
-    F.elu: _FunctionalSpec(nn.ELU, ("input", "alpha", "inplace"), {"alpha": 1.0, "inplace": False}),
-    F.elu_: _FunctionalSpec(nn.ELU, ("input", "alpha"), {"alpha": 1.0}, inplace=True),
+    F.elu: _FunctionalSpec(nn.ELU, ("input", "alpha", "inplace"), {"alpha": 1.0, "inplace": False}, module_args=("alpha",)),
+    F.elu_: _FunctionalSpec(nn.ELU, ("input", "alpha"), {"alpha": 1.0}, inplace=True, module_args=("alpha",)),
     F.mish: _FunctionalSpec(nn.Mish, ("input", "inplace"), {"inplace": False}),
 }
 #: call_method targets (``x.relu()``) that are rectifiers
@@ -51,6 +57,33 @@ METHOD_RECTIFIERS: dict[str, _FunctionalSpec] = {
     "relu": _FunctionalSpec(nn.ReLU, ("input",), {}),
     "relu_": _RELU_,
 }
+
+
+# A forward whose source names a rectifier function, method or module may call one.
+_RECTIFIER_NAME = re.compile(
+    r"\b({})\b".format("|".join(sorted(
+        {f.__name__ for f in FUNCTIONAL_RECTIFIERS} | set(METHOD_RECTIFIERS) | {m.__name__ for m in RECTIFIER_MODULES}
+    )))
+)
+
+
+def may_call_rectifiers(module: nn.Module) -> bool:
+    """Whether tracing ``module``'s forward could find a rectifier call.
+
+    torch.nn's own leaf layers never call one; everything else either has rectifier children or
+    may call one functionally, which only its source can tell without tracing.
+    """
+    if any(isinstance(c, RECTIFIER_MODULES) for c in module.children()):
+        return True
+    if type(module).__module__.startswith("torch.nn.") and not list(module.children()):
+        return False
+    if isinstance(module, fx.GraphModule):
+        return _RECTIFIER_NAME.search(module.code) is not None
+    try:
+        source = inspect.getsource(type(module))
+    except (OSError, TypeError):
+        return True  # no source to read: trace to be sure
+    return _RECTIFIER_NAME.search(source) is not None
 
 
 def rectifier_spec(node: fx.Node) -> Optional[_FunctionalSpec]:
@@ -89,13 +122,7 @@ def module_from_call(node: fx.Node, spec: _FunctionalSpec) -> tuple[nn.Module, b
         if name != "input" and isinstance(value, fx.Node):
             raise ValueError(f"`{node.name}` passes a computed {name!r}; only constant arguments can be converted")
     inplace = spec.inplace or bool(args.get("inplace", False))
-    if spec.module is nn.LeakyReLU:
-        return nn.LeakyReLU(args["negative_slope"]), inplace
-    if spec.module is nn.GELU:
-        return nn.GELU(args["approximate"]), inplace
-    if spec.module is nn.ELU:
-        return nn.ELU(args["alpha"]), inplace
-    return spec.module(), inplace
+    return spec.module(*(args[name] for name in spec.module_args)), inplace
 
 
 class ShallowTracer(fx.Tracer):
@@ -128,6 +155,45 @@ def is_stochastic_depth(node: fx.Node) -> bool:
     )
 
 
+class TraceError(RuntimeError):
+    """torch.fx could not trace a module. torch.fx raises many exception types (TraceError,
+    TypeError, NameError, AssertionError, ...); every trace of easier_ext raises this one instead.
+
+    Attributes:
+        reason: the type and first line of torch.fx's error.
+    """
+
+    def __init__(self, module: nn.Module, error: Exception) -> None:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        self.reason = f"{type(error).__name__}: {first_line}"
+        super().__init__(
+            f"torch.fx could not trace {type(module).__name__} ({self.reason}); the forward must have no "
+            "data-dependent control flow"
+        )
+
+
+def trace(root: nn.Module, tracer: Optional[fx.Tracer] = None, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
+    """Traces ``root``'s forward: the one place easier_ext calls torch.fx.
+
+    Args:
+        root: the module.
+        tracer: the tracer (default a :class:`FoldTracer`).
+        concrete_args: torch.fx's ``concrete_args``.
+
+    Returns:
+        the graph.
+
+    Raises:
+        TraceError: whatever torch.fx raised, with the module named.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.fx warns of fixed constants it cannot check; callers check those
+            return (tracer or FoldTracer()).trace(root, concrete_args or None)
+    except Exception as e:  # fx raises many types; see TraceError
+        raise TraceError(root, e) from e
+
+
 def trace_model(model: nn.Module, tracer: type = None) -> fx.GraphModule:
     """The whole model as a GraphModule of torch.nn layers and easier_ext sites.
 
@@ -136,13 +202,7 @@ def trace_model(model: nn.Module, tracer: type = None) -> fx.GraphModule:
         tracer: the ``fx.Tracer`` class to trace with (default :class:`FoldTracer`).
 
     Raises:
-        RuntimeError: naming the model when torch.fx cannot trace it.
+        TraceError: naming the model when torch.fx cannot trace it.
     """
-    try:
-        graph = (tracer or FoldTracer)().trace(model)
-    except Exception as e:  # fx raises many types: TraceError, TypeError, NameError, ...
-        raise RuntimeError(
-            f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); "
-            "folding needs a model whose forward has no data-dependent control flow"
-        ) from e
+    graph = trace(model, (tracer or FoldTracer)())
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
