@@ -147,6 +147,9 @@ def cli_errors(tmp_path, model_file):
     return [
         (["--max-iterations", "0"], "--max-iterations must be an int >= 1", 2),
         (["--patience", "-1"], "--patience must be an int >= 0", 2),
+        (["--sites-per-step", "0"], "--sites-per-step must be an int >= 1 or 'auto', got 0", 2),
+        (["--sites-per-step", "many"], "--sites-per-step must be an int >= 1 or 'auto', got 'many'", 2),
+        (["--method", "nepenthe", "--sites-per-step", "2"], "--sites-per-step applies to --method easier only", 2),
         (["--image-size", "0"], "--image-size must be >= 1", 2),
         (["--measure-batches", "0"], "--measure-batches must be an int >= 1", 2),
         (["--measure-batches", "-2"], "--measure-batches must be an int >= 1", 2),
@@ -164,7 +167,7 @@ def cli_errors(tmp_path, model_file):
     ]
 
 
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize("case", range(18))
 def test_every_run_error_is_one_line_before_any_work(case, model_file, tmp_path, capsys):
     cases = cli_errors(tmp_path, model_file)
     if case >= len(cases):

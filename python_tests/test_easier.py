@@ -325,3 +325,127 @@ def test_options_object_or_keywords():
         with pytest.raises(ValueError, match=message):
             EasierOptions(**bad)
     assert "fold_tolerance: how many bits" in EasierOptions.__doc__ and "budget: the largest" in ScheduleOptions.__doc__
+
+
+# -- several sites per iteration (sites_per_step) ---------------------------------------------
+
+def test_sites_per_step_follows_the_kept_and_undone_iterations():
+    from easier_ext.methods.easier import sites_per_step
+
+    def logs(*entries):  # (count used, undone) per iteration after the dense one
+        return [{}] + [{"sites_per_step": k, "undone": undone} for k, undone in entries]
+
+    assert sites_per_step("auto", logs()) == 1
+    assert sites_per_step("auto", logs((1, False), (2, False))) == 4
+    assert sites_per_step("auto", logs((1, False), (2, False), (4, True))) == 2
+    assert sites_per_step("auto", logs((1, False), (2, False), (4, True), (2, False))) == 2  # never grows again
+    assert sites_per_step(5, logs()) == 5 and sites_per_step(5, logs((5, False))) == 5
+    assert sites_per_step(5, logs((5, True), (2, True))) == 1
+    assert sites_per_step(1, [{}, {"removed": ["a"]}]) == 1  # logs of runs before the option
+
+
+def test_several_sites_per_iteration_are_the_lowest_entropies():
+    result = schedule(sites_per_step=3, max_iterations=1).run()
+    log = result.trajectory[1]
+    lowest = sorted(log["entropies"], key=log["entropies"].get)[:3]
+    assert log["sites_per_step"] == 3 and log["removed"][:3] == lowest and not log.get("undone")
+    assert sorted(result.removed) == sorted(log["linearized"])
+
+
+def test_auto_doubles_the_sites_while_within_the_budget():
+    result = schedule(sites_per_step="auto", max_iterations=10).run()
+    counts = [log["sites_per_step"] for log in result.trajectory[1:]]
+    assert counts == [1, 2, 4][: len(counts)] and result.stopped == "no site left"
+    assert len(result.trajectory) < 1 + len(ee.sites(result.linearized))  # fewer finetunes than sites
+
+
+def test_an_iteration_over_the_budget_is_undone_and_retried_with_fewer_sites(tmp_path):
+    calls = {"n": 0}
+
+    def ruin_first(model, loader):  # the first finetune (3 sites at once) destroys the classifier
+        calls["n"] += 1
+        if calls["n"] == 1:
+            with torch.no_grad():
+                model[-1].weight.zero_()
+                model[-1].bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+
+    dense = trained_cnn()
+    result = schedule(dense, train_fn=ruin_first, budget=5.0, sites_per_step=3, max_iterations=2, run_dir=tmp_path).run()
+    first, second = result.trajectory[1:]
+    assert first["undone"] and first["sites_per_step"] == 3 and len(first["removed"]) >= 3
+    assert second["sites_per_step"] == 1 and not second.get("undone")
+    # the second starts again from the dense model: only its own sites are linear
+    assert sorted(second["linearized"]) == sorted(second["removed"])
+    assert result.removed == second["removed"] and result.accuracy == second["val_accuracy"]
+    # the undone iteration's checkpoint is the model the run went on from (the dense one)
+    kept = torch.load(tmp_path / "checkpoints" / "001.pt", weights_only=False)["model"]
+    assert not any(s.linearized for s in ee.sites(kept).values())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["removed"] == second["removed"] and summary["finetune_epochs"] is None  # train_fn: unknown
+    # the report marks the undone iteration and finds the chosen one past it
+    from easier_ext.app import runlog
+    from easier_ext.app.report import write_report
+
+    assert runlog.chosen_log(runlog.load_run(tmp_path))["iteration"] == 2
+    rows = [line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert "undone" in rows[0] and "chosen" in rows[1] and "undone" not in rows[1]
+
+
+def test_undone_iterations_do_not_count_towards_patience():
+    calls = {"n": 0}
+
+    def ruin_multi(model, loader):  # ruins every iteration of more than one site
+        calls["n"] += 1
+        linear = sum(s.linearized for s in ee.sites(model).values())
+        if linear > 1 and calls["n"] <= 2:
+            with torch.no_grad():
+                model[-1].weight.zero_()
+                model[-1].bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+
+    result = schedule(trained_cnn(), train_fn=ruin_multi, budget=5.0, sites_per_step=4, patience=0, max_iterations=4).run()
+    undone = [log["iteration"] for log in result.trajectory if log.get("undone")]
+    counts = [log["sites_per_step"] for log in result.trajectory[1:]]
+    assert undone == [1, 2] and counts[:3] == [4, 2, 1]  # patience 0 would have stopped at the first
+    assert result.removed == [n for log in result.trajectory[1:] if not log.get("undone") for n in log["removed"]]
+
+
+def test_resume_after_a_crash_with_several_sites_per_iteration(tmp_path, monkeypatch):
+    def ruin_first_of(calls):
+        def train_fn(model, loader):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                with torch.no_grad():
+                    model[-1].weight.zero_()
+                    model[-1].bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+            if calls["n"] == calls.get("crash"):
+                raise KeyboardInterrupt
+        return train_fn
+
+    dense = trained_cnn()
+    kwargs = {"budget": 5.0, "sites_per_step": 4, "max_iterations": 4}
+    full = schedule(dense, train_fn=ruin_first_of({"n": 0}), run_dir=tmp_path / "full", **kwargs).run()
+    with pytest.raises(KeyboardInterrupt):
+        schedule(dense, train_fn=ruin_first_of({"n": 0, "crash": 3}), run_dir=tmp_path / "crashed", **kwargs).run()
+    resumed = schedule(dense, train_fn=ruin_first_of({"n": 1}), run_dir=tmp_path / "crashed", resume=True, **kwargs).run()
+    assert [log.get("undone") for log in full.trajectory] == [None, True, None, None]
+    for key in ("removed", "sites_per_step", "undone", "val_accuracy"):
+        assert [log.get(key) for log in resumed.trajectory] == [log.get(key) for log in full.trajectory], key
+    assert resumed.removed == full.removed and resumed.stopped == full.stopped == "no site left"
+
+
+def test_sites_per_step_is_checked_before_anything_is_written(tmp_path):
+    for bad in (0, -1, 1.5, True, "fast", None):
+        with pytest.raises(ValueError, match=r"sites_per_step must be an int >= 1 or 'auto'"):
+            schedule(sites_per_step=bad, run_dir=tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(TypeError):
+        schedule(method=NEPENTHE, sites_per_step=2)  # NEPENTHE has no such option: it prunes, sites collapse on their own
+
+
+def test_sites_per_step_in_the_run_identity_only_when_set(tmp_path):
+    schedule(max_iterations=1, run_dir=tmp_path / "one").run()
+    assert "sites_per_step" not in json.loads((tmp_path / "one" / "config.json").read_text())  # as runs before it
+    schedule(max_iterations=1, run_dir=tmp_path / "auto", sites_per_step="auto").run()
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["sites_per_step"] == "auto"
+    with pytest.raises(RunDirError, match="sites_per_step"):
+        schedule(max_iterations=1, run_dir=tmp_path / "auto", resume=True)

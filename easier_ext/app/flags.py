@@ -111,7 +111,7 @@ def _add(group: Any, name: str, by_method: dict[str, Field], options: type, *, e
     differ in their defaults at most); ``everyone``: every method takes it."""
     f = next(iter(by_method.values()))
     meta = f.metadata
-    kind = _unwrap(typing.get_type_hints(options)[name])
+    kind = meta["cli_type"] or _unwrap(typing.get_type_hints(options)[name])
     defaults = {method: g.default for method, g in by_method.items()}
     shared = everyone and len(set(defaults.values())) == 1
     text = meta["help"]

@@ -210,7 +210,7 @@ def chosen_log(run: Run) -> dict | None:
         return None
     removed: list[str] = []
     for log in run["iterations"]:
-        if log["iteration"] >= 1:
+        if log["iteration"] >= 1 and not log.get("undone"):  # an undone iteration's sites came back
             removed = removed + list(log.get("removed") or [])
         if removed == list(summary.get("removed") or []):
             return log

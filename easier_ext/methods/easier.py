@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
-from easier_ext.core.checks import is_real
+from easier_ext.core.checks import is_int, is_real
 from easier_ext.core.sites import sites
 from easier_ext.surgery.linearize import linearize, mergeable_layers
 from easier_ext.methods.options import ScheduleOptions, documented, option
 from easier_ext.methods.schedule import Schedule, ScheduleResult
 
-__all__ = ["EASIER", "EasierOptions", "EasierResult"]
+__all__ = ["EASIER", "EasierOptions", "EasierResult", "sites_per_step"]
 
 #: What :meth:`EASIER.run` returns (see :class:`easier_ext.ScheduleResult`).
 EasierResult = ScheduleResult
@@ -31,6 +31,11 @@ class EasierOptions(ScheduleOptions):
                                           "removal lets a merge that pays happen", cli=True)
     fold_tolerance: float = option(0.02, help="how many bits above the lowest entropy a fold-aware choice may be", cli=True,
                                    check=lambda v: is_real(v) and v >= 0, expected="a number of bits >= 0", convert=float)
+    sites_per_step: Union[int, str] = option(
+        1, help="sites linearized per iteration: N, or 'auto' (1, doubled after every iteration within the budget); an "
+                "iteration of several sites that ends over the budget is undone and the number halved, never to grow again",
+        cli=True, metavar="N|auto", check=lambda v: v == "auto" or (is_int(v) and v >= 1), expected="an int >= 1 or 'auto'",
+        cli_type=lambda text: int(text) if text.isdigit() else text, recorded_if_set=True)
 
 
 class EASIER(Schedule):
@@ -43,6 +48,13 @@ class EASIER(Schedule):
     site is left, or after ``max_iterations``; the model with the most sites removed within the
     budget is folded and returned.
 
+    With ``sites_per_step`` above 1 (or ``"auto"``), an iteration linearizes that many of the
+    lowest-entropy sites at once. One that ends within the budget is kept (``"auto"`` then doubles
+    the number); one that ends over it is undone: the next iteration starts again from the last
+    model kept, with half as many sites, and the number never grows again. At one site per
+    iteration the run goes on as plain EASIER (``patience``, then stop). Iterations that were undone
+    are in the trajectory (``"undone": True``) and count towards ``max_iterations``.
+
     Args:
         model, train_loader, val_loader, example_input, options, keywords: see
             :class:`easier_ext.methods.schedule.Schedule`; the options are :class:`EasierOptions`.
@@ -50,17 +62,23 @@ class EASIER(Schedule):
 
     Options = EasierOptions
 
-    def _step(self, model: nn.Module, entropies: dict[str, float]) -> Optional[dict]:
-        chosen = self._choose(model, entropies)
+    def _step(self, model: nn.Module, entropies: dict[str, float], trajectory: Sequence[dict] = ()) -> Optional[dict]:
+        count = sites_per_step(self.options.sites_per_step, trajectory)
+        chosen = self._choose(model, entropies, count)
         if not chosen:
             return None
         linearize(model, chosen)
-        return {"removed": chosen}
+        return {"removed": chosen, "sites_per_step": count}
 
-    def _choose(self, model: nn.Module, entropies: dict[str, float]) -> list[str]:
-        """The lowest-entropy site (fold-aware: a nearly as low one that lets a merge pay) and
-        every site at zero entropy; none when no unprotected site was measured (a site that
-        never ran has no entropy, see :func:`easier_ext.measure_entropy`)."""
+    def _undo(self, log: dict, dense_accuracy: float) -> bool:
+        """An iteration of several sites over the budget is undone (one of one site is kept, as
+        plain EASIER keeps it: ``patience`` decides)."""
+        return log["sites_per_step"] > 1 and dense_accuracy - log["val_accuracy"] > self.options.budget
+
+    def _choose(self, model: nn.Module, entropies: dict[str, float], count: int = 1) -> list[str]:
+        """The ``count`` lowest-entropy sites (fold-aware: the first is a nearly as low one that
+        lets a merge pay) and every site at zero entropy; none when no unprotected site was
+        measured (a site that never ran has no entropy, see :func:`easier_ext.measure_entropy`)."""
         candidates = sorted((h, n) for n, h in entropies.items() if n not in self.options.protect)
         if not candidates:
             return []
@@ -68,8 +86,32 @@ class EASIER(Schedule):
         if self.options.fold_aware:
             near = [n for h, n in candidates if h <= candidates[0][0] + self.options.fold_tolerance]
             lowest = next((n for n in near if _enables_merge(model, n)), lowest)
-        zero = [n for h, n in candidates if h == 0.0]
-        return [lowest] + [n for n in zero if n != lowest]
+        others = [n for h, n in candidates if n != lowest]
+        zero = [n for h, n in candidates if h == 0.0 and n != lowest]
+        chosen = [lowest] + others[: count - 1]
+        return chosen + [n for n in zero if n not in chosen]
+
+
+def sites_per_step(option: Any, trajectory: Sequence[dict]) -> int:
+    """How many sites the next iteration linearizes, from the option and the iterations so far
+    (so that a resumed run goes on with the number the interrupted one would have used).
+
+    Args:
+        option: ``sites_per_step``: an int >= 1 or ``"auto"``.
+        trajectory: the iterations' logs, iteration 0 first.
+
+    Returns:
+        the option's number (``"auto"``: 1), doubled after each kept iteration while ``"auto"``
+        and no iteration was undone, halved (at least 1) after each undone one.
+    """
+    count, grow = (1, True) if option == "auto" else (option, False)
+    for log in trajectory[1:]:
+        used = log.get("sites_per_step", 1)
+        if log.get("undone"):
+            count, grow = max(1, used // 2), False
+        else:
+            count = used * 2 if grow else used
+    return count
 
 
 def _enables_merge(model: nn.Module, name: str) -> bool:

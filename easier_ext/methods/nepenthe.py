@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -118,7 +118,7 @@ class NEPENTHE(Schedule):
         # sites, padding at the borders) is not pruned again or leaves the entropies as they were
         return trajectory[-1]["entropies"] or super()._entropies(model, trajectory)
 
-    def _step(self, model: nn.Module, entropies: dict[str, float]) -> Optional[dict]:
+    def _step(self, model: nn.Module, entropies: dict[str, float], trajectory: Sequence[dict] = ()) -> Optional[dict]:
         remaining = [n for n in self._remaining(model) if n in entropies]  # a site that never ran has no entropy: left alone
         zero = [n for n in remaining if entropies[n] == 0.0]  # only the dense model's, at iteration 1
         linearize(model, zero, mode="auto", prepare_fold=False)

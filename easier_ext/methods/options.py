@@ -67,6 +67,8 @@ def option(
     metavar: Optional[str] = None,
     requires: Optional[dict[str, Any]] = None,
     identity: bool = True,
+    recorded_if_set: bool = False,
+    cli_type: Optional[Callable[[str], Any]] = None,
     default_factory: Any = MISSING,
 ) -> Any:
     """A field of an options class, with what checks it and documents it.
@@ -87,6 +89,9 @@ def option(
             otherwise, since the user named it for nothing).
         identity: recorded in the run directory's ``config.json``: a run resumed with another
             value is refused.
+        recorded_if_set: recorded only when not at its default (an option added after runs were
+            made without it: those runs, which ran as with the default, still resume).
+        cli_type: parses the flag's text (default: the field's type).
 
     Returns:
         a :func:`dataclasses.field`.
@@ -98,6 +103,7 @@ def option(
     metadata = {
         "help": help, "check": check, "expected": expected, "choices": tuple(choices), "what": what, "convert": convert,
         "unset": unset, "cli": cli, "metavar": metavar, "requires": requires or {}, "identity": identity,
+        "recorded_if_set": recorded_if_set, "cli_type": cli_type,
     }
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
@@ -227,7 +233,10 @@ class ScheduleOptions:
         Returns:
             ``{option: value}`` for the options that change the result.
         """
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["identity"]}
+        out = {
+            f.name: getattr(self, f.name) for f in fields(self)
+            if f.metadata["identity"] and not (f.metadata["recorded_if_set"] and getattr(self, f.name) == f.default)
+        }
         out.update(recipe=None if self.train_fn else self.recipe.as_dict(), train_fn=getattr(self.train_fn, "__qualname__", None),
                    protect=list(self.protect))
         return out

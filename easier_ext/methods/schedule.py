@@ -8,7 +8,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -152,8 +152,9 @@ class Schedule:
         """Finds what the method needs in the converted model; called before the run directory
         is written, so that a model the method cannot use leaves nothing behind."""
 
-    def _step(self, model: nn.Module, entropies: dict[str, float]) -> Optional[dict]:
-        """Changes ``model`` (a copy of the last iteration's) in place before its finetune.
+    def _step(self, model: nn.Module, entropies: dict[str, float], trajectory: Sequence[dict] = ()) -> Optional[dict]:
+        """Changes ``model`` (a copy of the last model kept) in place before its finetune;
+        ``trajectory``: the iterations so far.
 
         Returns:
             the iteration's log entries, at least ``"removed"`` (the sites linearized by this
@@ -164,6 +165,11 @@ class Schedule:
     def _entropies(self, model: nn.Module, trajectory: list[dict]) -> dict[str, float]:
         """The entropies the next step uses: measured now on ``model``."""
         return self._measure(model, len(trajectory))
+
+    def _undo(self, log: dict, dense_accuracy: float) -> bool:
+        """Whether the iteration ``log`` describes is undone: the next one starts again from the
+        last model kept (the iteration stays in the trajectory, marked ``"undone"``)."""
+        return False
 
     def _after_finetune(self, model: nn.Module, step: dict, k: int) -> dict:
         """Changes ``model`` after its finetune, before it is evaluated; returns the step's log
@@ -202,7 +208,7 @@ class Schedule:
             t0 = time.perf_counter()
             candidate = copy.deepcopy(model)
             entropies = self._entropies(candidate, trajectory)
-            step = self._step(candidate, entropies)
+            step = self._step(candidate, entropies, trajectory)
             if step is None:
                 stopped = f"iteration {k}: nothing left to change"
                 break
@@ -215,6 +221,10 @@ class Schedule:
             accuracy = evaluate(candidate, self.val_loader, device=self.options.device)
             log, folded = self._log(k, candidate, step, entropies, history, accuracy, time.perf_counter() - t0)
             trajectory.append(log)
+            if self._undo(log, dense):
+                log["undone"] = True
+                self._checkpoint(log, model)  # what a resumed run goes on from: the last model kept
+                continue
             self._checkpoint(log, candidate)
             model = candidate
             if dense - accuracy <= self.options.budget and self._rank(log) >= self._rank(best[0]):
@@ -241,9 +251,10 @@ class Schedule:
     def _stop_reason(self, model: nn.Module, trajectory: list[dict]) -> str:
         """Why the loop ends before another iteration ("" to go on); also right after a resume."""
         budget, patience, cap = self.options.budget, self.options.patience, self.options.max_iterations
-        dense, accuracy = trajectory[0]["val_accuracy"], trajectory[-1]["val_accuracy"]
-        recent = trajectory[1:][-(patience + 1) :]
+        dense = trajectory[0]["val_accuracy"]
+        recent = [log for log in trajectory[1:] if not log.get("undone")][-(patience + 1) :]
         if len(recent) == patience + 1 and all(dense - log["val_accuracy"] > budget for log in recent):
+            accuracy = recent[-1]["val_accuracy"]
             after = f" for {len(recent)} iterations" if patience else ""
             return f"accuracy {accuracy:.2f} dropped {dense - accuracy:.2f} points below dense {dense:.2f} (budget {budget}){after}"
         if not self._remaining(model):
@@ -329,7 +340,7 @@ class Schedule:
             timed = compare_latency(dense, folded.model, self.example_input)
             # the paired medians, so that the two latencies are comparable
             before, after = replace(before, latency_s=timed.before_s), replace(after, latency_s=timed.after_s)
-        removed = [n for entry in trajectory[1 : log["iteration"] + 1] for n in entry["removed"]]
+        removed = [n for entry in trajectory[1 : log["iteration"] + 1] if not entry.get("undone") for n in entry["removed"]]
         result = ScheduleResult(
             folded.model, linearized, removed, trajectory[0]["val_accuracy"], log["val_accuracy"], before, after, trajectory,
             stopped, log.get("sparsity"), timed, unmerged, _batch(self.example_input),
