@@ -145,13 +145,13 @@ def cli_errors(tmp_path, model_file):
     torch.save({"conv.weight": torch.zeros(1)}, wrong)
     no_cuda = [] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU is available here", 2)]
     return [
-        (["--max-iterations", "0"], "--max-iterations must be an int >= 1", 2),
+        (["--max-iterations", "0"], r"--max-iterations must be an int >= 1 \(omit it for no cap\), got 0", 2),
         (["--patience", "-1"], "--patience must be an int >= 0", 2),
         (["--sites-per-step", "0"], "--sites-per-step must be an int >= 1 or 'auto', got 0", 2),
         (["--sites-per-step", "many"], "--sites-per-step must be an int >= 1 or 'auto', got 'many'", 2),
         (["--method", "nepenthe", "--sites-per-step", "2"], "--sites-per-step applies to --method easier only", 2),
         (["--image-size", "0"], "--image-size must be >= 1", 2),
-        (["--measure-batches", "0"], "--measure-batches must be an int >= 1", 2),
+        (["--measure-batches", "0"], r"--measure-batches must be an int >= 1 \(omit it to measure every batch\)", 2),
         (["--measure-batches", "-2"], "--measure-batches must be an int >= 1", 2),
         (["--batch-size", "0"], "--batch-size must be >= 1", 2),
         (["--protect", "nosuchsite"], r"cannot protect unknown sites \['nosuchsite'\]", 2),

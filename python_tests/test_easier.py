@@ -449,3 +449,20 @@ def test_sites_per_step_in_the_run_identity_only_when_set(tmp_path):
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["sites_per_step"] == "auto"
     with pytest.raises(RunDirError, match="sites_per_step"):
         schedule(max_iterations=1, run_dir=tmp_path / "auto", resume=True)
+
+
+def test_options_take_numpy_ints_and_any_list_of_sites_and_are_copied():
+    import numpy as np
+
+    options = EasierOptions(patience=np.int64(2), max_iterations=np.int32(3), seed=np.int64(7), protect={"2"})
+    assert (options.patience, options.max_iterations, options.seed) == (2, 3, 7) and type(options.patience) is int
+    assert options.protect == ("2",) and json.dumps(options.identity())
+    for bad in ("2", (n for n in ["2"]), [2]):
+        with pytest.raises(ValueError, match="protect must be a list of site names"):
+            EasierOptions(protect=bad)
+    with pytest.raises(ValueError, match="patience must be an int >= 0"):
+        EasierOptions(patience=True)
+    run = schedule(options=options)
+    options.budget = -5.0  # changing the caller's object afterwards changes nothing
+    assert run.options is not options and run.options.budget == 1.0
+

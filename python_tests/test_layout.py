@@ -65,5 +65,7 @@ def test_old_module_paths_still_import_and_unpickle():
     assert easier_ext.modules is ee.core.modules and easier_ext.costs.cost is ee.cost
     old = b"\x80\x02ceasier_ext.modules\nEntropyReLU\nq\x00."  # the class, pickled as 0.1.0 named it
     assert pickle.loads(old) is ee.EntropyReLU
+    constant = b"\x80\x02ceasier_ext.train\n_constant\nq\x00."  # a LambdaLR's factor, as 0.1.0 pickled it
+    assert pickle.loads(constant)(3) == 1.0
     with pytest.raises(ModuleNotFoundError):
         import easier_ext.no_such_module  # noqa: F401

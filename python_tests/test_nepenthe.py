@@ -580,7 +580,7 @@ def test_cli_run_method_nepenthe(tmp_path, capsys):
         main(["run", "--method", "nepenthe", "--allocation", "greedy", "--quiet"])
     assert "invalid choice: 'greedy'" in capsys.readouterr().err
     assert main(["run", "--method", "nepenthe", "--allocation", "reference", "--layer-cap", "0.3", "--quiet"]) == 2
-    assert "--layer-cap applies to --allocation guarded only" in capsys.readouterr().err
+    assert "--layer-cap applies to --allocation guarded only (the reference split caps a site only at empty)" in capsys.readouterr().err
     for wrong in (["--allocation", "reference"], ["--layer-cap", "0.3"], ["--temperature", "2"]):
         assert main(["run", *wrong, "--quiet"]) == 2
         assert "applies to --method nepenthe only" in capsys.readouterr().err

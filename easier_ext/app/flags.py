@@ -32,7 +32,7 @@ def flag_errors() -> Iterator[None]:
     try:
         yield
     except OptionError as e:
-        raise ValueError(e.named(flag(e.option))) from None
+        raise ValueError(e.named(flag(e.option), flag=True)) from None
 
 
 def add_schedule_flags(group: Any) -> None:
@@ -91,7 +91,8 @@ def schedule_options(args: argparse.Namespace) -> ScheduleOptions:
     for name in given:
         for other, needed in own[name].metadata["requires"].items():
             if given.get(other, own[other].default) != needed:
-                raise ValueError(f"{flag(name)} applies to {flag(other)} {needed} only")
+                why = own[name].metadata["why"]
+                raise ValueError(f"{flag(name)} applies to {flag(other)} {needed} only" + (f" ({why})" if why else ""))
     with flag_errors():
         return options(**given)
 
@@ -143,6 +144,7 @@ def _unwrap(hint: Any) -> Any:
     return hint
 
 
-def _first_line(doc: str) -> str:
-    line = doc.strip().splitlines()[0].rstrip(".")
-    return line[0].lower() + line[1:]
+def _first_line(doc: str | None) -> str:
+    lines = (doc or "").strip().splitlines()  # no docstrings under python -OO
+    line = lines[0].rstrip(".") if lines else ""
+    return line[:1].lower() + line[1:]

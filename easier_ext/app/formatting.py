@@ -1,8 +1,6 @@
-"""A run's costs as text, the same in the report's tables and on the plots' bar labels.
-
-:func:`cost_ratio` is the report's own after/before ratio: unlike the plain one of
-:mod:`easier_ext.surgery.costs` it reads the run's paired latency rounds, and says so when the
-latency change is within noise.
+"""A run's costs as text, the same in the report's tables and on the plots' bar labels, written
+with :mod:`easier_ext.surgery.costs`'s formats; :func:`cost_ratio` also reads the run's paired
+latency rounds, and says so when the latency change is within noise.
 """
 
 from __future__ import annotations
@@ -10,6 +8,7 @@ from __future__ import annotations
 import math
 
 from easier_ext.app.runlog import Run
+from easier_ext.surgery import costs
 from easier_ext.surgery.costs import LatencyComparison, format_seconds
 
 __all__ = ["cost_ratio", "format_cost", "format_count", "is_positive"]
@@ -24,12 +23,7 @@ def format_count(n: float | None) -> str:
     Returns:
         the text; ``"-"`` for ``None``.
     """
-    if n is None:
-        return "-"
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {prefix}"
-    return f"{n:g}"
+    return "-" if n is None else costs.format_count(n)
 
 
 def is_positive(x: float | None) -> bool:
@@ -63,7 +57,7 @@ def cost_ratio(before: float | None, after: float | None, run: Run | None = None
     paired = (run["summary"] or {}).get("latency") if run is not None and key == "latency_s" else None
     if paired and not LatencyComparison(**paired).measurable:  # the two medians differ by noise only
         return "no measurable change"
-    return f"{after / before:.2f}x"
+    return costs.format_ratio(before, after)
 
 
 def format_cost(key: str, value: float | None) -> str:

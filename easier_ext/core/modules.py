@@ -107,7 +107,7 @@ class EntropyPReLU(EntropyActivation):
 
     activation = "prelu"
     replaces = nn.PReLU
-    _torch_args = ("num_parameters", "init")
+    _torch_args = ("num_parameters",)  # and init and the weight, copied by _build_from/_build_torch
 
     def __init__(self, num_parameters: int = 1, init: float = 0.25, device=None, dtype=None, *, channel_dim: int = 1, track: bool = True) -> None:
         super().__init__(channel_dim=channel_dim, track=track)

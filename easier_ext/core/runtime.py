@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["autocast", "batch_count", "is_main_process", "model_device", "progress"]
+__all__ = ["autocast", "batch_count", "is_main_process", "model_device", "progress", "unwrap_ddp", "world_size"]
 
 
 def model_device(module: nn.Module) -> torch.device:
@@ -76,6 +76,27 @@ def batch_count(loader: Iterable, max_batches: Optional[int] = None) -> Optional
     except TypeError:
         return max_batches
     return n if max_batches is None else min(n, max_batches)
+
+
+def world_size() -> int:
+    """The number of processes of the default ``torch.distributed`` group (1 when not distributed).
+
+    Returns:
+        the world size.
+    """
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wraps, or ``model`` itself.
+
+    Args:
+        model: any module.
+
+    Returns:
+        the module whose parameters and submodules are the model's.
+    """
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def is_main_process() -> bool:

@@ -1,2 +1,3 @@
-"""The schedules on top of ``surgery``: the iteration loop (``schedule``), ``easier`` and
-``nepenthe``, NEPENTHE's ``pruning``, finetuning (``train``) and the run directory (``rundir``)."""
+"""The schedules on top of ``surgery``: the iteration loop (``schedule``) and its options
+(``options``), ``easier`` and ``nepenthe``, NEPENTHE's ``pruning``, finetuning (``train``, with
+its ``recipe``) and the run directory (``rundir``)."""

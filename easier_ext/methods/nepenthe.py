@@ -46,7 +46,7 @@ class NepentheOptions(ScheduleOptions):
     # pruning of the layers on the only path cost more accuracy than the branches removed
     # (ResNet-18 2 sites and MobileNetV2 none within 1 point; with 0.1, 3 and 2; benchmarks/README.md)
     layer_cap: float = option(0.1, help="the largest fraction of a non-emptied site's remaining weights one iteration prunes",
-                              cli=True, requires={"allocation": "guarded"}, convert=float, check=lambda v: is_real(v) and 0 < v <= 1,
+                              cli=True, requires={"allocation": "guarded"}, why="the reference split caps a site only at empty", convert=float, check=lambda v: is_real(v) and 0 < v <= 1,
                               expected="the fraction of a site's remaining weights pruned per iteration, in (0, 1]")
     temperature: float = option(1.0, help="divides the budget split's softmax logits (1 in the reference code); above 1 spreads "
                                           "the pruning over more sites", cli=True, convert=float,

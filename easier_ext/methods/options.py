@@ -9,13 +9,15 @@ command line (``easier-ext run``'s flags, their choices, defaults, help and chec
 
 from __future__ import annotations
 
+import numbers
 import os
+from collections.abc import Collection
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from torch import nn
 
-from easier_ext.core.checks import is_int, is_real
+from easier_ext.core.checks import is_real
 from easier_ext.core.entropy import AGGREGATES
 from easier_ext.methods.recipe import Recipe
 
@@ -33,24 +35,29 @@ class OptionError(ValueError):
         expected: what it must be, e.g. ``"an int >= 0"`` or ``"one of ('a', 'b')"``.
         what: for an option with choices, what kind of thing it names (``"allocation"``): the
             message then says the value is unknown.
+        flag_expected: ``expected`` as the command line says it, where it differs (a flag is
+            omitted, not set to ``None``).
     """
 
-    def __init__(self, option: str, value: Any, expected: str, what: str = "") -> None:
+    def __init__(self, option: str, value: Any, expected: str, what: str = "", flag_expected: str = "") -> None:
         self.option, self.value, self.expected, self.what = option, value, expected, what
+        self.flag_expected = flag_expected or expected
         super().__init__(self.named(option))
 
-    def named(self, name: str) -> str:
+    def named(self, name: str, *, flag: bool = False) -> str:
         """The message, calling the option ``name`` (the command line says ``--layer-cap``).
 
         Args:
             name: what to call the option.
+            flag: say what is expected as the command line says it.
 
         Returns:
             one sentence: the option, what it must be, and the value it was given.
         """
+        expected = self.flag_expected if flag else self.expected
         if self.what:
-            return f"unknown {self.what} {self.value!r}; expected {self.expected}"
-        return f"{name} must be {self.expected}, got {self.value!r}"
+            return f"unknown {self.what} {self.value!r}; expected {expected}"
+        return f"{name} must be {expected}, got {self.value!r}"
 
 
 def option(
@@ -69,6 +76,8 @@ def option(
     identity: bool = True,
     recorded_if_set: bool = False,
     cli_type: Optional[Callable[[str], Any]] = None,
+    flag_expected: str = "",
+    why: str = "",
     default_factory: Any = MISSING,
 ) -> Any:
     """A field of an options class, with what checks it and documents it.
@@ -92,6 +101,8 @@ def option(
         recorded_if_set: recorded only when not at its default (an option added after runs were
             made without it: those runs, which ran as with the default, still resume).
         cli_type: parses the flag's text (default: the field's type).
+        flag_expected: ``expected`` as the command line says it (default: ``expected``).
+        why: why the option only applies with ``requires``, for the command line's refusal.
 
     Returns:
         a :func:`dataclasses.field`.
@@ -103,7 +114,7 @@ def option(
     metadata = {
         "help": help, "check": check, "expected": expected, "choices": tuple(choices), "what": what, "convert": convert,
         "unset": unset, "cli": cli, "metavar": metavar, "requires": requires or {}, "identity": identity,
-        "recorded_if_set": recorded_if_set, "cli_type": cli_type,
+        "recorded_if_set": recorded_if_set, "cli_type": cli_type, "flag_expected": flag_expected, "why": why,
     }
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
@@ -156,7 +167,18 @@ def _is_path(value: Any) -> bool:
 
 
 def _is_site_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value)
+    # a list, tuple, set or dict keys; not a string (whose letters would be names) nor a
+    # generator (which the check would use up)
+    return isinstance(value, Collection) and not isinstance(value, (str, bytes)) and all(isinstance(name, str) for name in value)
+
+
+def _is_count(value: Any) -> bool:
+    # NumPy's ints too (converted to int, so that config.json can hold them), never a bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    return None if value is None else int(value)
 
 
 @documented
@@ -184,13 +206,15 @@ class ScheduleOptions:
                                       check=_is_site_list, expected="a list of site names", convert=tuple)
     aggregate: str = option("easier", help="the layer entropy aggregate", cli=True, choices=AGGREGATES, what="entropy aggregate")
     measure_batches: Optional[int] = option(None, help="batches per entropy measurement", unset="every batch", cli=True,
-                                            check=lambda v: v is None or (is_int(v) and v >= 1), expected="an int >= 1 or None")
+                                            check=lambda v: v is None or (_is_count(v) and v >= 1), expected="an int >= 1 or None",
+                                            convert=_int_or_none, flag_expected="an int >= 1 (omit it to measure every batch)")
     measure_train_mode: bool = option(True, help="measure in train mode, as the papers do (BatchNorm statistics are restored after)")
     max_iterations: Optional[int] = option(None, help="cap on the iterations", unset="no cap", cli=True,
-                                           check=lambda v: v is None or (is_int(v) and v >= 1), expected="an int >= 1 or None")
+                                           check=lambda v: v is None or (_is_count(v) and v >= 1), expected="an int >= 1 or None",
+                                           convert=_int_or_none, flag_expected="an int >= 1 (omit it for no cap)")
     patience: int = option(0, help="iterations to go on past the budget before stopping (a later finetune may recover)", cli=True,
-                           check=lambda v: is_int(v) and v >= 0, expected="an int >= 0")
-    seed: int = option(0, help="seeds torch, Python and NumPy at the start", check=is_int, expected="an int")
+                           check=lambda v: _is_count(v) and v >= 0, expected="an int >= 0", convert=int)
+    seed: int = option(0, help="seeds torch, Python and NumPy at the start", check=_is_count, expected="an int", convert=int)
     run_dir: Union[str, os.PathLike, None] = option(
         None, help="where logs, checkpoints and the final model go (see easier_ext.methods.rundir.RunDir)", unset="nowhere, no resume",
         check=_is_path, expected="None or a path", identity=False)
@@ -223,7 +247,7 @@ class ScheduleOptions:
         """
         meta = {f.name: f for f in fields(cls)}[name].metadata
         if meta["check"] is not None and not meta["check"](value):
-            raise OptionError(name, value, meta["expected"], meta["what"])
+            raise OptionError(name, value, meta["expected"], meta["what"], meta["flag_expected"])
         return meta["convert"](value) if meta["convert"] else value
 
     def identity(self) -> dict[str, Any]:

@@ -173,11 +173,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_e
         return sched.MultiStepLR(optimizer, milestones=milestones, gamma=recipe.gamma)
     if recipe.schedule == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch, eta_min=0.0)
-    return sched.LambdaLR(optimizer, _constant)
+    return sched.LambdaLR(optimizer, constant_lr)
 
 
-def _constant(step: int) -> float:
-    # a module-level function rather than a lambda, so that the scheduler pickles
+def constant_lr(step: int) -> float:
+    """The ``"constant"`` schedule's factor: a module-level function rather than a lambda, so that
+    the scheduler pickles.
+
+    Args:
+        step: the step (unused).
+
+    Returns:
+        1.0.
+    """
     return 1.0
 
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from easier_ext.core.runtime import model_device, world_size
 from easier_ext.core.sites import sites
 from easier_ext.surgery.convert import convert
 from easier_ext.surgery.costs import Cost, LatencyComparison, compare_latency, cost
@@ -114,7 +114,7 @@ class Schedule:
             options = self.Options(**keywords)
         elif not isinstance(options, self.Options):
             raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, got {type(options).__name__}")
-        elif keywords:
+        else:  # a copy, checked again: changing the caller's object later must not change the run
             options = replace(options, **keywords)
         self.options = options
         self.model = model if sites(model) else convert(model)
@@ -292,7 +292,9 @@ class Schedule:
 
     def _log(self, k: int, model: nn.Module, step: dict, entropies: dict, history: list, accuracy: float,
              seconds: float) -> tuple[dict, _Folded]:
-        """The iteration's log, and its model folded (kept, should it be the one returned)."""
+        """The iteration's log, and its model folded (kept, should it be the one returned), on the
+        CPU: the run keeps up to two folds while it trains (the dense model's and the best's),
+        which on a GPU would take memory from training."""
         folded = self._fold(model)
         c = cost(folded.model, self.example_input, latency=self.options.latency)
         linearized = [n for n, s in sites(model).items() if s.linearized]
@@ -301,7 +303,7 @@ class Schedule:
             "finetune": history, "val_accuracy": accuracy, "params": c.params, "macs": c.macs, "depth": c.depth,
             "latency_s": c.latency_s, "wall_s": seconds,
         }
-        return log, folded
+        return log, _Folded(folded.model.cpu(), folded.warnings)
 
     def _checkpoint(self, log: dict, model: nn.Module) -> None:
         if self.run_dir is not None:
@@ -321,9 +323,11 @@ class Schedule:
     def _finish(self, trajectory: list[dict], best: tuple[dict, nn.Module, Optional[_Folded]], stopped: str,
                 dense_folded: Optional[nn.Module]) -> ScheduleResult:
         log, chosen, folded = best
+        device = model_device(chosen)
         linearized = self._deployable(chosen)
         if folded is None:  # resumed: the process that folded it is gone
             folded = self._fold(chosen)
+        folded = _Folded(folded.model.to(device), folded.warnings)
         # chains fold could not merge exactly go into the result; other warnings are passed on
         unmerged = []
         for w in folded.warnings:
@@ -336,7 +340,7 @@ class Schedule:
         timed = None
         if self.options.latency:
             # after a resume, iteration 0's fold is gone with the process that made it
-            dense = dense_folded if dense_folded is not None else self._fold(self.run_dir.load_checkpoint(0)["model"]).model
+            dense = dense_folded.to(device) if dense_folded is not None else self._fold(self.run_dir.load_checkpoint(0)["model"]).model
             timed = compare_latency(dense, folded.model, self.example_input)
             # the paired medians, so that the two latencies are comparable
             before, after = replace(before, latency_s=timed.before_s), replace(after, latency_s=timed.after_s)
@@ -368,7 +372,7 @@ def _batch(example_input) -> Optional[int]:
 def _world_size() -> dict:
     """The number of processes, for the run's identity: a run resumed with another number would
     shard and reduce differently. Left out for one process, as runs of earlier versions were."""
-    n = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    n = world_size()
     return {"world_size": n} if n > 1 else {}
 
 

@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from easier_ext.core.modules import EntropyActivation
-from easier_ext.core.runtime import autocast, batch_count, model_device, progress as progress_bar
+from easier_ext.core.runtime import autocast, batch_count, model_device, progress as progress_bar, unwrap_ddp, world_size
 # The recipe lived here before methods.recipe; its names stay importable from this module, and
 # pickles naming easier_ext.train.Recipe (this module under its old path) still load.
-from easier_ext.methods.recipe import OPTIMIZERS, SCHEDULES, Recipe, make_optimizer, make_scheduler, require_recipe
+from easier_ext.methods.recipe import OPTIMIZERS, SCHEDULES, Recipe, constant_lr, make_optimizer, make_scheduler, require_recipe
 
 __all__ = [
     "OPTIMIZERS",
@@ -119,7 +119,7 @@ def finetune(
             batch's forward.
     """
     require_recipe(recipe)
-    net = _unwrap(model)
+    net = unwrap_ddp(model)
     device = torch.device(device) if device is not None else model_device(net)
     use_amp = recipe.amp and device.type == "cuda"
     # Fresh state on every call: the paper restarts the optimizer and the schedule after each
@@ -208,7 +208,7 @@ def _check_finite(loss: Tensor, epoch: int, batch: int) -> None:
     gradient all-reduce. That costs one small collective per batch, under distributed only.
     """
     finite = torch.isfinite(loss.detach()).to(torch.int32)
-    if _world_size() > 1:
+    if world_size() > 1:
         finite = finite.to(_collective_device(loss.device))
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
@@ -222,7 +222,7 @@ def _distributed(model: nn.Module, net: nn.Module, device: torch.device):
     A wrapper made here has its autograd hooks removed on exit, so that the bare module trains
     normally afterwards and a later call can wrap it again.
     """
-    if isinstance(model, DistributedDataParallel) or _world_size() == 1:
+    if isinstance(model, DistributedDataParallel) or world_size() == 1:
         yield model
         return
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
@@ -275,7 +275,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: Device = None, amp: 
         TypeError: a batch is not an ``(input, target)`` pair of tensors.
         ValueError: no targets at all (on every rank).
     """
-    net = _unwrap(model)
+    net = unwrap_ddp(model)
     device = torch.device(device) if device is not None else model_device(net)
     use_amp = amp and device.type == "cuda"
     correct = torch.zeros((), dtype=torch.float64, device=device)
@@ -310,16 +310,6 @@ def _split_batch(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
     return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def _world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 def _collective_device(device: torch.device) -> torch.device:
     # nccl only moves CUDA tensors; gloo takes either
     if dist.get_backend() == "nccl" and device.type != "cuda":
@@ -330,15 +320,19 @@ def _collective_device(device: torch.device) -> torch.device:
 def _sum_over_ranks(values: list[Tensor], device: torch.device) -> list[float]:
     """Sums scalars over the ranks in one collective; one host sync."""
     stacked = torch.stack([v.to(device, torch.float64) for v in values])
-    if _world_size() > 1:
+    if world_size() > 1:
         stacked = stacked.to(_collective_device(device))
         dist.all_reduce(stacked)
     return stacked.tolist()
 
 
 def _max_over_ranks(value: float, device: torch.device) -> float:
-    if _world_size() == 1:
+    if world_size() == 1:
         return value
     t = torch.tensor(value, dtype=torch.float64, device=_collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
+
+
+# LambdaLR schedulers pickled by earlier versions name the constant schedule by this path
+_constant = constant_lr

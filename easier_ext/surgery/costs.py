@@ -37,7 +37,7 @@ from easier_ext.surgery.macs import count_macs
 
 # BACKENDS, LatencyComparison and compare_latency live in ``latency``; they stay importable from
 # here, where the package and its users have always imported them.
-__all__ = ["BACKENDS", "Cost", "LatencyComparison", "compare", "compare_latency", "cost"]
+__all__ = ["BACKENDS", "Cost", "LatencyComparison", "compare", "compare_latency", "cost", "format_count", "format_ratio"]
 
 #: aten ops that are one conv / linear / matmul layer on the path they lie on. make_fx records
 #: ``convolution``, ``mm``, ``addmm``, ``bmm`` and ``baddbmm`` for the torch.nn layers; the
@@ -140,7 +140,7 @@ class Cost:
     latency_s: float | None = None
 
     def __str__(self) -> str:
-        parts = [_si(self.params, " params"), _si(self.macs, "MACs"), f"depth {self.depth}"]
+        parts = [format_count(self.params, " params"), format_count(self.macs, "MACs"), f"depth {self.depth}"]
         if self.latency_s is not None:
             parts.append(format_seconds(self.latency_s))
         return ", ".join(parts)
@@ -238,12 +238,12 @@ def compare(before: Cost, after: Cost) -> str:
         raise TypeError(f"compare expects two Cost, got {type(before).__name__} and {type(after).__name__}")
     rows = [
         ("", "before", "after", "after/before"),
-        ("params", _si(before.params), _si(after.params), _ratio(before.params, after.params)),
-        ("MACs", _si(before.macs), _si(after.macs), _ratio(before.macs, after.macs)),
-        ("depth", str(before.depth), str(after.depth), _ratio(before.depth, after.depth)),
+        ("params", format_count(before.params), format_count(after.params), format_ratio(before.params, after.params)),
+        ("MACs", format_count(before.macs), format_count(after.macs), format_ratio(before.macs, after.macs)),
+        ("depth", str(before.depth), str(after.depth), format_ratio(before.depth, after.depth)),
     ]
     if before.latency_s is not None or after.latency_s is not None:
-        rows.append(("latency", format_seconds(before.latency_s), format_seconds(after.latency_s), _ratio(before.latency_s, after.latency_s)))
+        rows.append(("latency", format_seconds(before.latency_s), format_seconds(after.latency_s), format_ratio(before.latency_s, after.latency_s)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [row[0].ljust(widths[0]) + "".join("  " + cell.rjust(w) for cell, w in zip(row[1:], widths[1:])) for row in rows]
     return "\n".join(line.rstrip() for line in lines)
@@ -335,15 +335,33 @@ def _op_name(target: Any) -> str | None:
 # -- formatting ------------------------------------------------------------------------------
 
 
-def _si(n: int, unit: str = "") -> str:
-    """``_si(11173962, " params")`` is ``"11.17 M params"``, ``_si(557, "MACs")`` is ``"557 MACs"``."""
+def format_count(n: float, unit: str = "") -> str:
+    """A count with an SI prefix, the one way every table writes it.
+
+    Args:
+        n: the count.
+        unit: appended: ``format_count(11173962, " params")`` is ``"11.17 M params"``,
+            ``format_count(557, "MACs")`` is ``"557 MACs"``.
+
+    Returns:
+        the text.
+    """
     for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {prefix}{unit}"
-    return f"{n} {unit.lstrip()}".rstrip()
+    return f"{n:g} {unit.lstrip()}".rstrip()
 
 
-def _ratio(before: float | None, after: float | None) -> str:
-    if before is None or after is None or before == 0 or not math.isfinite(before):
+def format_ratio(before: float | None, after: float | None) -> str:
+    """``after / before`` as text (``"0.75x"``); ``"-"`` when either is missing or ``before`` is
+    not a finite number above 0.
+
+    Args:
+        before, after: the two costs.
+
+    Returns:
+        the text.
+    """
+    if before is None or after is None or not math.isfinite(before) or before <= 0:
         return "-"
     return f"{after / before:.2f}x"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -288,7 +289,9 @@ class SpecializingTracer(ShallowTracer):
 
 def _trace(tracer: fx.Tracer, root: nn.Module, concrete_args: dict[str, Any]) -> fx.Graph:
     try:
-        return trace(root, tracer, concrete_args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.fx warns of fixed constants it cannot check: specialization refuses those
+            return trace(root, tracer, concrete_args)
     except TraceError as e:
         raise Unfaithful(f"torch.fx: {e.reason}") from e
 

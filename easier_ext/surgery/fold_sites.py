@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from easier_ext.core.modules import EntropyActivation
+from easier_ext.core.shapes import channel_view
 from easier_ext.surgery.fold_graph import FoldGraph
 
 __all__ = ["drop_identities", "replace_sites"]
@@ -36,9 +37,8 @@ def replace_sites(fg: FoldGraph) -> None:
 def _replace_with_mul(fg: FoldGraph, node: fx.Node, m: EntropyActivation) -> None:
     """A per-neuron multiplier as ``x * buffer``, the buffer shaped to broadcast."""
     dims = len(node.args[0].meta["tensor_meta"].shape)
-    shape = [1] * dims
-    shape[m.channel_dim % dims] = -1
-    buf = fg.add_buffer(node.target.replace(".", "_") + "_scale", m.linear_scale.detach().reshape(shape).clone(), before=node)
+    scale = channel_view(m.linear_scale.detach(), dims, m.channel_dim).clone()
+    buf = fg.add_buffer(node.target.replace(".", "_") + "_scale", scale, before=node)
     with fg.graph.inserting_before(node):
         mul = fg.graph.call_function(operator.mul, (node.args[0], buf))
     mul.meta = dict(node.meta)

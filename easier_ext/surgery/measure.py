@@ -15,7 +15,7 @@ from easier_ext.core.checks import is_int
 from easier_ext.core.sites import sites as list_sites
 from easier_ext.core.entropy import AGGREGATES, binary_entropy, layer_entropy
 from easier_ext.core.modules import EntropyActivation
-from easier_ext.core.runtime import autocast, batch_count, model_device, progress as progress_bar
+from easier_ext.core.runtime import autocast, batch_count, model_device, progress as progress_bar, unwrap_ddp, world_size
 
 __all__ = ["SiteEntropy", "measure_entropy", "ESTIMATORS"]
 
@@ -105,7 +105,7 @@ def measure_entropy(
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
     if estimator == "easier_reference" and aggregate != "easier":
         raise ValueError("the easier_reference estimator averages the 'easier' aggregate; use aggregate='easier'")
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    net = unwrap_ddp(model)
     found = {n: s for n, s in list_sites(net).items() if not s.linearized}
     if not found:
         raise ValueError(f"{type(net).__name__} has no sites left to measure (none, or all linearized); call easier_ext.convert(model) first")
@@ -186,7 +186,7 @@ def _all_reduce_counts(found: dict[str, EntropyActivation]) -> None:
 
     A rank that saw no data for a site has an empty counts buffer; sizes are agreed first.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return
     sites = list(found.values())
     device = sites[0].observations.device

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -187,9 +186,7 @@ def trace(root: nn.Module, tracer: Optional[fx.Tracer] = None, concrete_args: Op
         TraceError: whatever torch.fx raised, with the module named.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.fx warns of fixed constants it cannot check; callers check those
-            return (tracer or FoldTracer()).trace(root, concrete_args or None)
+        return (tracer or FoldTracer()).trace(root, concrete_args or None)
     except Exception as e:  # fx raises many types; see TraceError
         raise TraceError(root, e) from e
 
