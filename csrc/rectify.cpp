@@ -16,4 +16,11 @@ TORCH_LIBRARY(easier_ext, m) {
   m.def(
       "rectify_count_(Tensor(a!) input, str activation, float alpha, Tensor? weight, int channel_dim)"
       " -> Tensor");
+  // rectify_count plus a differentiable proxy of each channel's ON/OFF entropy, in the same pass:
+  // the third output holds, per channel, the sum over its elements of the binary entropy (bits) of
+  // sigmoid(input / tau), float64 for a float64 input and float32 otherwise. `tau` > 0 is the
+  // sigmoid's temperature. Its backward (registered from Python) also carries that sum's gradient.
+  m.def(
+      "rectify_count_entropy(Tensor input, str activation, float alpha, Tensor? weight, int channel_dim,"
+      " float tau) -> (Tensor, Tensor, Tensor)");
 }

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <cmath>
 #include <string>
 #include <utility>
 
@@ -78,6 +79,13 @@ std::optional<at::Tensor> check_weight(Activation a, const at::Tensor& input,
   return w.contiguous();
 }
 
+// The entropy proxy's temperature divides the input: zero, negative or non-finite, it would make
+// every sum NaN or meaningless rather than fail. easier_ext/core/ops.py gives the same message.
+void check_tau(double tau) {
+  TORCH_CHECK_VALUE(tau > 0 && std::isfinite(tau), "easier_ext.rectify_count_entropy: tau must be a positive, finite "
+                    "temperature, got ", tau);
+}
+
 // For a non-overlapping, dense tensor, the dims laid out inside the channel dim (smaller
 // strides) make the contiguous `inner` block; the others repeat it `outer` times.
 ChannelLayout channel_layout(const at::Tensor& t, int64_t dim) {
@@ -104,12 +112,14 @@ void check_devices(const at::Tensor& input, const std::optional<at::Tensor>& wei
 }
 
 RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double alpha,
-                         const std::optional<at::Tensor>& weight, int64_t channel_dim, bool in_place) {
+                         const std::optional<at::Tensor>& weight, int64_t channel_dim, bool in_place,
+                         std::optional<double> tau) {
   check_devices(input, weight);
   const Activation a = parse_activation(activation);
   check_input(input);
   const int64_t dim = check_channel_dim(input, channel_dim);
   auto w = check_weight(a, input, weight, input.size(dim));
+  if (tau) check_tau(*tau);
 
   // empty_like keeps a dense input's strides (contiguous, channels_last, permuted); a strided
   // view gets a dense layout, and is copied into it once so the kernels see plain blocks.
@@ -121,7 +131,7 @@ RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, d
     dense.copy_(input);
   }
   TORCH_INTERNAL_ASSERT(dense.strides() == output.strides());
-  return {a, alpha, std::move(w), dense, output, channel_layout(dense, dim)};
+  return {a, alpha, std::move(w), dense, output, channel_layout(dense, dim), tau};
 }
 
 }  // namespace easier_ext

@@ -4,6 +4,8 @@
 // output or count is written.
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+#include <limits>
 #include <optional>
 #include <string_view>
 
@@ -32,7 +34,22 @@ struct RectifyPlan {
   at::Tensor input;                    // non-overlapping and dense (a copy if the caller's was not)
   at::Tensor output;                   // same sizes and strides as `input`
   ChannelLayout layout;
+  std::optional<double> tau;           // rectify_count_entropy's temperature (> 0, finite); none otherwise
 };
+
+// The dtype of rectify_count_entropy's sums: float64 for a float64 input, else float32 (what the
+// kernels accumulate float32, float16 and bfloat16 inputs in).
+inline at::ScalarType entropy_sums_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// 1 / tau in the kernels' accumulation type T, saturated at T's largest finite value (a tau below
+// float's range must not make 0 * (1 / tau) NaN); 0, unused, for a plan without tau.
+template <typename T>
+T inverse_tau(const RectifyPlan& plan) {
+  if (!plan.tau) return T(0);
+  return static_cast<T>(std::min(1.0 / *plan.tau, static_cast<double>(std::numeric_limits<T>::max())));
+}
 
 // Every tensor argument must be on the input's device. Kernels call this before anything else: the
 // dispatcher picks the kernel from all tensor arguments (a CUDA weight with a CPU input reaches the
@@ -40,9 +57,12 @@ struct RectifyPlan {
 void check_devices(const at::Tensor& input, const std::optional<at::Tensor>& weight);
 
 // With `in_place`, a dense input is also the output (the kernels read each element before writing
-// it); a non-dense one still gets a dense output, which the caller copies back.
+// it); a non-dense one still gets a dense output, which the caller copies back. With `tau`, the
+// plan is rectify_count_entropy's, and tau is checked with the other arguments, before anything
+// is allocated.
 RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double alpha,
-                         const std::optional<at::Tensor>& weight, int64_t channel_dim, bool in_place = false);
+                         const std::optional<at::Tensor>& weight, int64_t channel_dim, bool in_place = false,
+                         std::optional<double> tau = std::nullopt);
 
 // Calls `f(std::integral_constant<Activation, A>{})` with the activation as a compile-time value.
 template <typename F>

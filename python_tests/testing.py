@@ -145,6 +145,40 @@ def make_weight(activation: str, channels: int, dtype, device, per_channel=True,
     return (torch.rand(n, generator=g, dtype=torch.float64) * 0.5 - 0.1).to(dtype).to(device)
 
 
+# (shape, channel_dim, layout): NCHW and channels_last convs, Linear-shaped and (..., C) tensors,
+# odd sizes whose rows/planes are not a multiple of any vector width, and sizes big enough to
+# run on several threads.
+CASES = [
+    ((3, 5, 7, 9), 1, "contiguous"),
+    ((3, 5, 7, 9), 1, "channels_last"),
+    ((3, 5, 7, 9), 1, "strided"),
+    ((3, 5, 7, 9), 1, "permuted"),
+    ((2, 6, 3, 4, 5), 1, "channels_last"),
+    ((4, 16, 40, 40), 1, "contiguous"),
+    ((4, 16, 40, 40), 1, "channels_last"),
+    ((300, 64), -1, "contiguous"),  # rows of 1, 2, 4 or 8 whole vectors, depending on dtype and ISA
+    ((2, 64, 3, 5), 1, "channels_last"),
+    ((7, 33), 1, "contiguous"),
+    ((7, 33), -1, "strided"),
+    ((2000, 37), -1, "contiguous"),
+    ((41, 100), -1, "contiguous"),  # rows of several blocks of vectors, a partial one, odd row count
+    ((2, 3, 5, 37), -1, "contiguous"),
+    ((2, 3, 5, 37), 2, "contiguous"),
+    ((5, 1, 11), 1, "contiguous"),
+    ((129,), 0, "contiguous"),
+    ((64, 3), 0, "contiguous"),
+]
+
+
+def sample_inputs(device, dtype, activation, special=True):
+    """(args, case id) for every case, with a per-channel and a shared prelu weight."""
+    for shape, dim, layout in CASES:
+        x = make_input(shape, dtype, device, layout, special=special)
+        for per_channel in ([True, False] if activation == "prelu" else [True]):
+            w = make_weight(activation, shape[dim], dtype, device, per_channel)
+            yield (x, activation, 0.2, w, dim), f"{shape}-{dim}-{layout}-{'w' if per_channel else 'w1'}"
+
+
 def _gloo_rank(rank: int, init_file: str, out_dir: str, fn) -> None:
     import torch.distributed as dist
 

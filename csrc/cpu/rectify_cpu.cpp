@@ -1,4 +1,4 @@
-// CPU backend of easier_ext::rectify_count: picks the kernel variant for this CPU and registers it.
+// CPU backend of the easier_ext ops: picks the kernel variant for this CPU and registers it.
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> rectify_count_cpu(const at::Tensor& input, c1
                                   weight, channel_dim);
   at::Tensor counts = at::empty({plan.layout.channels}, input.options().dtype(at::kLong));
   static const cpu::RectifyCountKernel kernel = select_kernel();
-  kernel(plan, counts.mutable_data_ptr<int64_t>());
+  kernel(plan, counts.mutable_data_ptr<int64_t>(), nullptr);
   return {plan.output, counts};
 }
 
@@ -41,9 +41,25 @@ at::Tensor rectify_count_inplace_cpu(at::Tensor& input, c10::string_view activat
                                   weight, channel_dim, /*in_place=*/true);
   at::Tensor counts = at::empty({plan.layout.channels}, input.options().dtype(at::kLong));
   static const cpu::RectifyCountKernel kernel = select_kernel();
-  kernel(plan, counts.mutable_data_ptr<int64_t>());
+  kernel(plan, counts.mutable_data_ptr<int64_t>(), nullptr);
   if (!plan.output.is_same(input)) input.copy_(plan.output);
   return counts;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rectify_count_entropy_cpu(const at::Tensor& input,
+                                                                         c10::string_view activation, double alpha,
+                                                                         const std::optional<at::Tensor>& weight,
+                                                                         int64_t channel_dim, double tau) {
+  check_devices(input, weight);
+  TORCH_INTERNAL_ASSERT(input.device().is_cpu());
+  RectifyPlan plan = plan_rectify(input, std::string_view(activation.data(), activation.size()), alpha,
+                                  weight, channel_dim, /*in_place=*/false, tau);
+  at::Tensor counts = at::empty({plan.layout.channels}, input.options().dtype(at::kLong));
+  // The kernel merges its per-thread sums in double; the result is rounded once to the sums' dtype.
+  at::Tensor sums = at::empty({plan.layout.channels}, input.options().dtype(at::kDouble));
+  static const cpu::RectifyCountKernel kernel = select_kernel();
+  kernel(plan, counts.mutable_data_ptr<int64_t>(), sums.mutable_data_ptr<double>());
+  return {plan.output, counts, sums.to(entropy_sums_dtype(input.scalar_type()))};
 }
 
 }  // namespace
@@ -61,6 +77,7 @@ std::string cpu_kernel_capability() {
 TORCH_LIBRARY_IMPL(easier_ext, CPU, m) {
   m.impl("rectify_count", &rectify_count_cpu);
   m.impl("rectify_count_", &rectify_count_inplace_cpu);
+  m.impl("rectify_count_entropy", &rectify_count_entropy_cpu);
 }
 
 }  // namespace easier_ext

@@ -7,12 +7,13 @@
 
 namespace easier_ext::cpu {
 
-// Writes plan.output and each channel's ON count into counts[0, C). One pass over plan.input; no
-// temporary of the input's size.
-using RectifyCountKernel = void (*)(const RectifyPlan& plan, int64_t* counts);
+// Writes plan.output and each channel's ON count into counts[0, C); for rectify_count_entropy's plan
+// (plan.tau set), also each channel's sum of the entropy proxy, in bits, into entropy[0, C) (unused
+// otherwise). One pass over plan.input; no temporary of the input's size.
+using RectifyCountKernel = void (*)(const RectifyPlan& plan, int64_t* counts, double* entropy);
 
-namespace DEFAULT { void rectify_count_kernel(const RectifyPlan& plan, int64_t* counts); }
-namespace AVX2 { void rectify_count_kernel(const RectifyPlan& plan, int64_t* counts); }
-namespace AVX512 { void rectify_count_kernel(const RectifyPlan& plan, int64_t* counts); }
+namespace DEFAULT { void rectify_count_kernel(const RectifyPlan& plan, int64_t* counts, double* entropy); }
+namespace AVX2 { void rectify_count_kernel(const RectifyPlan& plan, int64_t* counts, double* entropy); }
+namespace AVX512 { void rectify_count_kernel(const RectifyPlan& plan, int64_t* counts, double* entropy); }
 
 }  // namespace easier_ext::cpu

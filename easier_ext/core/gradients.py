@@ -1,9 +1,11 @@
 """The gradient of each activation the fused op implements, as torch computes it: one entry per
 activation name, in the C++ table's order (``csrc/rectify_args.cpp``), so that
-:data:`easier_ext.ops.ACTIVATIONS` is this table's keys."""
+:data:`easier_ext.ops.ACTIVATIONS` is this table's keys; and the gradient of the entropy proxy that
+``rectify_count_entropy`` sums."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -12,7 +14,7 @@ from torch import Tensor
 
 from easier_ext.core.shapes import channel_view
 
-__all__ = ["GRADIENTS", "prelu_weight_gradient"]
+__all__ = ["GRADIENTS", "entropy_proxy_gradient", "prelu_weight_gradient"]
 
 aten = torch.ops.aten
 
@@ -71,3 +73,52 @@ def prelu_weight_gradient(grad: Tensor, x: Tensor, weight: Tensor, channel_dim: 
         return per_element.sum().reshape(weight.shape)
     dim = channel_dim % x.dim()
     return per_element.sum(dim=[d for d in range(x.dim()) if d != dim]).reshape(weight.shape)
+
+
+# |u| beyond which the entropy proxy's gradient is exactly 0 in float64 too (sigmoid(-u) is 0 there).
+_U_LIMIT = 1e4
+
+
+def entropy_proxy_gradient(
+    grad_sums: Tensor, x: Tensor, tau: float, channel_dim: int, grad_input: Optional[Tensor] = None
+) -> Tensor:
+    """dL/dx through the entropy proxy of :func:`easier_ext.ops.rectify_count_entropy`.
+
+    Each element's proxy is ``H(p)`` bits with ``p = sigmoid(u)``, ``u = x / tau``, and
+    ``dH/dx = -u * p * (1 - p) / (tau * ln 2)``: 0 at ``x = 0`` (where ``H`` is at its maximum of
+    1 bit) and towards 0 again once ``|u|`` is past a few units. ``p * (1 - p)`` is computed as
+    ``q * (1 - q)`` with ``q = sigmoid(-|u|) <= 1/2`` (the same value), so that no ``1 - p`` loses
+    its digits as ``p`` nears 1. ``u`` is ``x * (1 / tau)`` with ``1 / tau`` saturated at the
+    accumulation type's largest value, as the kernels compute it.
+
+    Args:
+        grad_sums: the gradient of each channel's sum, shape ``(C,)`` (float32, or float64 for a
+            float64 ``x``: the sums' dtype).
+        x: the op's input.
+        tau: the sigmoid's temperature, > 0.
+        channel_dim: the channels' dim of ``x``.
+        grad_input: another gradient of ``x`` (the activation's) to add the term to. When no graph
+            is being recorded (grad mode off, as in a plain backward) it is updated in place, and
+            the term takes two temporaries of ``x``'s size, updated in place.
+
+    Returns:
+        ``grad_sums[c] * dH/dx`` at every element of channel ``c`` (plus ``grad_input``), with
+        ``x``'s shape and dtype; computed in ``grad_sums``' dtype (float32 for float16/bfloat16
+        inputs). NaN where ``x`` is NaN, 0 where it is +-inf (``H`` is 0 on both sides of it).
+    """
+    inv_tau = min(1.0 / tau, torch.finfo(grad_sums.dtype).max)
+    scale = channel_view(grad_sums * (-inv_tau / math.log(2)), x.dim(), channel_dim)
+    u = x.to(grad_sums.dtype) * inv_tau
+    # Clamped so that +-inf gives (finite) * 0 = 0 rather than inf * 0 = NaN.
+    if torch.is_grad_enabled():  # a graph is being recorded (double backward): no in-place ops
+        u = u.clamp(-_U_LIMIT, _U_LIMIT)
+        q = torch.sigmoid(-u.abs())
+        term = (u * scale * q * (1 - q)).to(x.dtype)
+        return term if grad_input is None else grad_input + term
+    # Each step below is a pass over x's size; in place where it can be, two new tensors in all.
+    u.clamp_(-_U_LIMIT, _U_LIMIT)
+    q = u.abs().neg_().sigmoid_()
+    u_q_1mq = aten.sigmoid_backward.grad_input(u, q, grad_input=q)  # u * q * (1 - q), into q
+    if grad_input is None:
+        return u_q_1mq.mul_(scale).to(x.dtype)
+    return grad_input.addcmul_(u_q_1mq, scale)

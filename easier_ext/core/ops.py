@@ -1,22 +1,23 @@
 """The easier_ext torch ops: typed Python wrappers, fake kernels and autograd formulas.
 
 The kernels themselves are C++/CUDA (``csrc/``); this module makes them work with autograd,
-``torch.compile(fullgraph=True)`` and ``torch.export``. In eager mode, a call that autograd has
-nothing to record (plain tensors, no gradient needed) goes to the kernel from C++
-(``csrc/no_grad_call.cpp``), skipping ``torch.ops``' Python layers.
+``torch.compile(fullgraph=True)`` and ``torch.export``. In eager mode, a call to :func:`rectify_count`
+or :func:`rectify_count_` that autograd has nothing to record (plain tensors, no gradient needed)
+goes to the kernel from C++ (``csrc/no_grad_call.cpp``), skipping ``torch.ops``' Python layers.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from easier_ext import _extension  # loads the library that defines the ops
-from easier_ext.core.gradients import GRADIENTS, prelu_weight_gradient
+from easier_ext.core.gradients import GRADIENTS, entropy_proxy_gradient, prelu_weight_gradient
 
-__all__ = ["ACTIVATIONS", "rectify_count", "rectify_count_"]
+__all__ = ["ACTIVATIONS", "rectify_count", "rectify_count_", "rectify_count_entropy"]
 
 #: Activation names accepted by :func:`rectify_count`: the keys of the gradient table, which a test
 #: checks against the C++ table (``kActivations`` in ``csrc/rectify_args.cpp``).
@@ -96,6 +97,41 @@ def rectify_count_(
     return torch.ops.easier_ext.rectify_count_.default(*args)
 
 
+def rectify_count_entropy(
+    input: Tensor,
+    activation: str = "relu",
+    *,
+    tau: float,
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+    weight: Optional[Tensor] = None,
+    channel_dim: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`rectify_count` plus a differentiable proxy of each channel's ON/OFF entropy, in the
+    same pass over ``input``.
+
+    Each element ``z`` gets ``p = sigmoid(z / tau)``, a soft ON state, and its binary entropy
+    ``H(p) = -p log2 p - (1 - p) log2(1 - p)`` bits: 1 at ``z = 0``, towards 0 once ``|z|`` is a few
+    ``tau`` away from it. A loss term on the sums pushes pre-activations away from zero, where the
+    ON/OFF state is undecided, and is differentiable where the counts are not. It costs no memory
+    beyond what the activation's backward keeps (the input).
+
+    Args:
+        input, activation, negative_slope, alpha, weight, channel_dim: as in :func:`rectify_count`.
+        tau: the sigmoid's temperature, positive and finite (else ``ValueError``, before any
+            output is made): the scale of ``z`` over which ``H`` falls from 1 bit towards 0.
+
+    Returns:
+        ``(output, on_counts, entropy_sums)``: the first two exactly as :func:`rectify_count`
+        returns them; ``entropy_sums`` of shape ``(C,)`` holds each channel's sum of ``H`` over its
+        ``input.numel() // C`` elements, float64 for a float64 input and float32 otherwise
+        (summed in float32 lanes and double partial sums). A NaN element makes its channel's sum
+        NaN; +-inf elements add 0. Its gradient flows back to ``input`` along with the output's.
+    """
+    args = (input, activation, _scalar(activation, negative_slope, alpha), weight, channel_dim, tau)
+    return torch.ops.easier_ext.rectify_count_entropy.default(*args)
+
+
 def _scalar(activation: str, negative_slope: float, alpha: float) -> float:
     """The op's one scalar argument (``alpha`` in the schema): ELU's alpha or LeakyReLU's slope."""
     return alpha if activation == "elu" else negative_slope
@@ -104,8 +140,9 @@ def _scalar(activation: str, negative_slope: float, alpha: float) -> float:
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _check_args(input, activation, weight, channel_dim) -> None:
-    """The C++ kernels' argument checks (csrc/rectify_args.cpp), with the same messages and types.
+def _check_args(input, activation, weight, channel_dim, tau=None) -> None:
+    """The C++ kernels' argument checks (csrc/rectify_args.cpp), with the same messages and types,
+    in the same order; ``tau`` (rectify_count_entropy's) is checked last, as there.
 
     The fake kernel is also the Meta kernel, which the dispatcher picks whenever any tensor
     argument is on the meta device: a meta weight with a CPU input lands here, not in the CPU
@@ -137,6 +174,17 @@ def _check_args(input, activation, weight, channel_dim) -> None:
         lambda: f"easier_ext.rectify_count: channel_dim {channel_dim} is out of range for a {ndim}-d input of "
         f"shape {list(input.shape)} (expected a value in [{-ndim}, {ndim - 1}])",
     )
+    _check_weight(input, activation, weight, channel_dim)
+    if tau is not None:
+        # `< inf` also refuses NaN; :g prints the value as C++ streams a double.
+        torch._check_value(
+            tau > 0 and tau < math.inf,
+            lambda: f"easier_ext.rectify_count_entropy: tau must be a positive, finite temperature, got {tau:g}",
+        )
+
+
+def _check_weight(input, activation, weight, channel_dim) -> None:
+    """The prelu weight's checks, the last of :func:`_check_args`' shared ones."""
     if activation != "prelu":
         torch._check_value(
             weight is None,
@@ -178,10 +226,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(out if activation == "relu" else input, weight)
 
 
-def _backward(ctx, grad_out, _grad_counts):
-    saved, weight = ctx.saved_tensors
+def _activation_gradients(ctx, grad_out, saved, weight):
+    """(grad_input, grad_weight) of the activation alone; ``saved`` as GRADIENTS takes it."""
     grad_input = GRADIENTS[ctx.activation](grad_out, saved, ctx.alpha, weight, ctx.channel_dim)
     grad_weight = prelu_weight_gradient(grad_out, saved, weight, ctx.channel_dim) if ctx.activation == "prelu" else None
+    return grad_input, grad_weight
+
+
+def _backward(ctx, grad_out, _grad_counts):
+    saved, weight = ctx.saved_tensors
+    grad_input, grad_weight = _activation_gradients(ctx, grad_out, saved, weight)
     return grad_input, None, None, grad_weight, None
 
 
@@ -192,3 +246,40 @@ torch.library.register_autograd("easier_ext::rectify_count", _backward, setup_co
 def _rectify_count_inplace_fake(input, activation, alpha, weight, channel_dim):
     _, counts = _rectify_count_fake(input, activation, alpha, weight, channel_dim)
     return counts
+
+
+@torch.library.register_fake("easier_ext::rectify_count_entropy")
+def _rectify_count_entropy_fake(input, activation, alpha, weight, channel_dim, tau):
+    _check_args(input, activation, weight, channel_dim, tau)
+    channels = input.shape[channel_dim]
+    sums_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32  # entropy_sums_dtype in C++
+    return (
+        torch.empty_like(input),
+        input.new_empty((channels,), dtype=torch.int64),
+        input.new_empty((channels,), dtype=sums_dtype),
+    )
+
+
+def _setup_entropy_context(ctx, inputs, output):
+    input, activation, alpha, weight, channel_dim, tau = inputs
+    ctx.activation = activation
+    ctx.alpha = alpha
+    ctx.channel_dim = channel_dim
+    ctx.tau = tau
+    # The entropy term's gradient needs the input, so it is what every activation keeps here (relu's
+    # gradient is the same computed from its input as from its output: both are > 0 at once).
+    ctx.save_for_backward(input, weight)
+
+
+def _entropy_backward(ctx, grad_out, _grad_counts, grad_sums):
+    x, weight = ctx.saved_tensors
+    grad_input, grad_weight = _activation_gradients(ctx, grad_out, x, weight)
+    # GRADIENTS' entries return a new tensor, which entropy_proxy_gradient may add to in place.
+    if grad_sums is not None:
+        grad_input = entropy_proxy_gradient(grad_sums, x, ctx.tau, ctx.channel_dim, grad_input=grad_input)
+    return grad_input, None, None, grad_weight, None, None
+
+
+torch.library.register_autograd(
+    "easier_ext::rectify_count_entropy", _entropy_backward, setup_context=_setup_entropy_context
+)
