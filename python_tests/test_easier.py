@@ -466,3 +466,97 @@ def test_options_take_numpy_ints_and_any_list_of_sites_and_are_copied():
     options.budget = -5.0  # changing the caller's object afterwards changes nothing
     assert run.options is not options and run.options.budget == 1.0
 
+
+
+# -- the entropy regularizer -------------------------------------------------------------------
+
+def reference_proxy(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """Plain PyTorch: the mean over elements of the binary entropy (bits) of sigmoid(z / tau)."""
+    p = torch.sigmoid(z.double() / tau)
+    return (torch.special.entr(p) + torch.special.entr(1 - p)).mean() / torch.log(torch.tensor(2.0, dtype=torch.float64))
+
+
+def test_a_regularized_site_leaves_a_differentiable_proxy_and_unchanged_outputs():
+    site = ee.EntropyReLU(track=False)
+    site.regularize(0.5)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y = site(x)
+    torch.testing.assert_close(y, torch.relu(x))
+    torch.testing.assert_close(site.entropy_proxy.double(), reference_proxy(x, 0.5), rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(site.entropy_proxy, x)
+    xr = x.detach().clone().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(reference_proxy(xr, 0.5), xr)
+    torch.testing.assert_close(grad.double(), grad_ref.double(), rtol=1e-4, atol=1e-7)
+    assert site.on_counts.numel() == 0  # not tracking: nothing counted
+    with torch.no_grad():  # only forwards that record gradients compute it
+        site.entropy_proxy = None
+        site(x)
+    assert site.entropy_proxy is None
+    site.regularize(None)
+    assert site.entropy_tau is None
+    with pytest.raises(ValueError, match="tau must be a positive, finite temperature"):
+        site.regularize(0.0)
+
+
+def test_finetune_adds_the_regularizer_to_the_loss():
+    def run(regularizer):
+        model = tiny_cnn()
+        torch.manual_seed(1)
+        return finetune(model, loaders()[0], Recipe(epochs=1, lr=0.05, amp=False), progress=False, regularizer=regularizer)
+
+    plain, shifted = run(None), run(lambda: torch.tensor(3.0))  # a constant: same training, loss + 3
+    assert shifted[0]["loss"] == pytest.approx(plain[0]["loss"] + 3.0, rel=1e-6)
+
+
+def test_the_regularizer_pushes_the_sites_it_is_about_to_remove():
+    calls = []
+    real = schedule_module.finetune
+
+    def recording(model, loader, recipe, **kwargs):
+        targets = [s for s in ee.sites(model).values() if s.entropy_tau is not None]
+        calls.append(([s.entropy_tau for s in targets], kwargs["regularizer"]))
+        return real(model, loader, recipe, **kwargs)
+
+    schedule_module.finetune = recording
+    try:
+        result = schedule(trained_cnn(), entropy_weight=2.0, entropy_tau=0.25, max_iterations=2).run()
+    finally:
+        schedule_module.finetune = real
+    first = result.trajectory[1]
+    left = sorted((h, n) for n, h in first["entropies"].items() if n not in first["removed"])
+    assert first["regularized"] == [left[0][1]]  # the next one to go, by this iteration's entropies
+    assert calls[0][0] == [0.25] and calls[0][1] is not None
+    # after the finetune no proxy (with its graph) stays on the model: it copies and checkpoints
+    assert all(s.entropy_tau is None and s.entropy_proxy is None for s in ee.sites(result.linearized).values())
+    everything = schedule(trained_cnn(), entropy_weight=1.0, regularize="all", max_iterations=1).run()
+    log = everything.trajectory[1]
+    assert sorted(log["regularized"]) == sorted(n for n in log["entropies"] if n not in log["removed"])
+
+
+def test_a_strong_regularizer_lowers_the_entropy_of_its_sites():
+    def entropy_after(weight):
+        model = ee.convert(trained_cnn())
+        site = ee.sites(model)["5"]
+        site.regularize(0.5)
+        for s in ee.sites(model).values():
+            s.track = False
+        penalty = (lambda: weight * site.entropy_proxy) if weight else None
+        torch.manual_seed(0)
+        finetune(model, loaders()[0], Recipe(epochs=4, lr=0.05, amp=False), progress=False, regularizer=penalty)
+        site.regularize(None)
+        return ee.measure_entropy(model, loaders()[0], progress=False)["5"].entropy
+
+    assert entropy_after(5.0) < entropy_after(0.0)
+
+
+def test_regularizer_options_are_checked_before_anything_is_written(tmp_path):
+    for kwargs, message in [
+        ({"entropy_weight": -1.0}, "entropy_weight must be a number >= 0"),
+        ({"entropy_tau": 0.0}, "entropy_tau must be a number > 0"),
+        ({"regularize": "some"}, "unknown regularized site set 'some'"),
+        ({"entropy_weight": 1.0, "protect": ["2", "5", "8", "12"]}, "no unprotected site to regularize"),
+        ({"entropy_weight": 1.0, "train_fn": lambda m, l: None}, "needs the built-in finetune"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            schedule(run_dir=tmp_path / "run", **kwargs)
+        assert not (tmp_path / "run").exists()

@@ -45,6 +45,11 @@ class EntropyActivation(nn.Module):
 
     on_counts: Tensor
     observations: Tensor
+    #: the entropy proxy's temperature while regularized (see :meth:`regularize`), else None;
+    #: class-level defaults, so that modules pickled before these existed load with them
+    entropy_tau: Optional[float] = None
+    #: the last regularized forward's mean entropy proxy, in bits per element (with its graph)
+    entropy_proxy: Optional[Tensor] = None
 
     def __init__(self, *, channel_dim: int = 1, track: bool = True) -> None:
         super().__init__()
@@ -101,6 +106,8 @@ class EntropyActivation(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if self.linearized:
             return input if self.linear_scale is None else input * channel_view(self.linear_scale.to(input.dtype), input.dim(), self.channel_dim)
+        if self.entropy_tau is not None and torch.is_grad_enabled():
+            return self._regularized_forward(input)
         if not self.track:
             return self._torch_forward(input)
         # Every check comes before the op, so a refused call changes neither the counts nor an
@@ -113,6 +120,32 @@ class EntropyActivation(nn.Module):
         out, counts = ops.rectify_count(input, self.activation, channel_dim=self.channel_dim, **self._op_args())
         self._accumulate(input, counts)
         return out
+
+    def _regularized_forward(self, input: Tensor) -> Tensor:
+        if self.track:
+            self._check_counts_fit(input)
+        out, counts, sums = ops.rectify_count_entropy(
+            input, self.activation, tau=self.entropy_tau, channel_dim=self.channel_dim, **self._op_args()
+        )
+        if self.track:
+            self._accumulate(input, counts)
+        # the mean over neurons of each neuron's mean entropy (every neuron sees numel / C values)
+        self.entropy_proxy = sums.sum() / max(input.numel(), 1)
+        return out
+
+    # -- the entropy regularizer -----------------------------------------------------------
+    def regularize(self, tau: Optional[float]) -> None:
+        """Makes each forward that records gradients also compute a differentiable proxy of the
+        site's entropy (:func:`easier_ext.ops.rectify_count_entropy`, in the same pass), left in
+        :attr:`entropy_proxy` for a loss term; ``None`` stops it and drops the last proxy.
+
+        Args:
+            tau: the proxy's temperature (> 0), or ``None``.
+        """
+        if tau is not None and not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and 0 < tau < float("inf")):
+            raise ValueError(f"tau must be a positive, finite temperature, got {tau!r}")
+        self.entropy_tau = None if tau is None else float(tau)
+        self.entropy_proxy = None
 
     def _check_counts_fit(self, input: Tensor) -> None:
         if self.observations.device != input.device:

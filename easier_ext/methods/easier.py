@@ -36,6 +36,16 @@ class EasierOptions(ScheduleOptions):
                 "iteration of several sites that ends over the budget is undone and the number halved, never to grow again",
         cli=True, metavar="N|auto", check=lambda v: v == "auto" or (is_int(v) and v >= 1), expected="an int >= 1 or 'auto'",
         cli_type=lambda text: int(text) if text.isdigit() else text, recorded_if_set=True)
+    entropy_weight: float = option(
+        0.0, help="lambda: the finetune adds lambda times the mean entropy proxy of the regularized sites to the loss, "
+                  "pushing their pre-activations to one side of zero before they are linearized (0: off)",
+        cli=True, check=lambda v: is_real(v) and v >= 0, expected="a number >= 0", convert=float, recorded_if_set=True)
+    entropy_tau: float = option(
+        1.0, help="the proxy's temperature: each value z counts as ON with probability sigmoid(z / tau)",
+        cli=True, check=lambda v: is_real(v) and v > 0, expected="a number > 0", convert=float, recorded_if_set=True)
+    regularize: str = option("next", help="which sites the regularizer pushes: the next ones to be linearized (as many "
+                                          "as the iteration removed) or all remaining ones",
+                             cli=True, choices=("next", "all"), what="regularized site set", recorded_if_set=True)
 
 
 class EASIER(Schedule):
@@ -69,6 +79,22 @@ class EASIER(Schedule):
             return None
         linearize(model, chosen)
         return {"removed": chosen, "sites_per_step": count}
+
+    def _prepare(self, model: nn.Module) -> None:
+        o = self.options
+        if o.entropy_weight > 0 and o.train_fn is not None:
+            raise ValueError("entropy_weight needs the built-in finetune (a recipe): a train_fn cannot add the regularizer to its loss")
+        if o.entropy_weight > 0 and not [n for n in sites(model) if n not in o.protect]:
+            raise ValueError("entropy_weight > 0 asks for the entropy regularizer, but the model has no unprotected site to regularize")
+
+    def _regularized(self, model: nn.Module, entropies: dict[str, float], step: dict,
+                     trajectory: Sequence[dict]) -> tuple[list[str], float, float]:
+        o = self.options
+        if o.entropy_weight == 0:
+            return [], 0.0, o.entropy_tau
+        left = sorted((h, n) for n, h in entropies.items() if n not in o.protect and not sites(model)[n].linearized)
+        names = [n for _, n in left] if o.regularize == "all" else [n for _, n in left[: step["sites_per_step"]]]
+        return names, o.entropy_weight, o.entropy_tau
 
     def _undo(self, log: dict, dense_accuracy: float) -> bool:
         """An iteration of several sites over the budget is undone (one of one site is kept, as

@@ -5,9 +5,10 @@ within an accuracy budget; with a run directory that checkpoints every iteration
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
@@ -16,55 +17,15 @@ from torch import nn
 from easier_ext.core.runtime import model_device, world_size
 from easier_ext.core.sites import sites
 from easier_ext.surgery.convert import convert
-from easier_ext.surgery.costs import Cost, LatencyComparison, compare_latency, cost
+from easier_ext.surgery.costs import Cost, compare_latency, cost
 from easier_ext.surgery.fold import fold
 from easier_ext.surgery.measure import measure_entropy
 from easier_ext.methods.rundir import RunDir, rng_state, seed_everything, set_rng_state
 from easier_ext.methods.options import ScheduleOptions
+from easier_ext.methods.results import ScheduleResult, summary
 from easier_ext.methods.train import NonFiniteLossError, evaluate, finetune
 
 __all__ = ["Schedule", "ScheduleResult", "summary"]
-
-
-@dataclass
-class ScheduleResult:
-    """What an EASIER or NEPENTHE run returns.
-
-    Attributes:
-        model: the best model (most sites removed within the budget), folded: standard torch
-            layers only.
-        linearized: the same model before folding (easier_ext sites, linearized ones marked;
-            NEPENTHE: with its sparse weights, the pruning made permanent).
-        removed: the sites it linearized, in the order they were removed.
-        dense_accuracy: top-1 (%) of the model before any removal.
-        accuracy: top-1 (%) of the returned model (before folding; folding is exact).
-        before, after: cost of the dense (BatchNorm folded) and of the returned model.
-        trajectory: every iteration's log (see the run directory's ``iterations/``).
-        stopped: why the loop ended.
-        sparsity: NEPENTHE: the fraction of zero weights in the layers that feed sites, in the
-            returned model before folding; None for EASIER.
-        latency: the dense and the returned model (both folded) timed in paired rounds
-            (:func:`easier_ext.compare_latency`), which ``before.latency_s`` and
-            ``after.latency_s`` come from; None when latency is not measured.
-        unmerged: why chains that would pay were left unmerged by the final fold (fold's
-            warnings, e.g. convs whose padding was not moved before the last finetune).
-        example_images: the batch size of the example input the costs were measured on (MACs
-            and latencies are of that batch), when it has one.
-    """
-
-    model: nn.Module
-    linearized: nn.Module
-    removed: list[str]
-    dense_accuracy: float
-    accuracy: float
-    before: Cost
-    after: Cost
-    trajectory: list[dict] = field(default_factory=list)
-    stopped: str = ""
-    sparsity: Optional[float] = None
-    latency: Optional[LatencyComparison] = None
-    unmerged: list[str] = field(default_factory=list)
-    example_images: Optional[int] = None
 
 
 class Schedule:
@@ -171,6 +132,12 @@ class Schedule:
         last model kept (the iteration stays in the trajectory, marked ``"undone"``)."""
         return False
 
+    def _regularized(self, model: nn.Module, entropies: dict[str, float], step: dict,
+                     trajectory: Sequence[dict]) -> tuple[list[str], float, float]:
+        """The sites whose entropy proxy the finetune after ``step`` adds to the loss, with its
+        weight and temperature (none: no regularizer)."""
+        return [], 0.0, 1.0
+
     def _after_finetune(self, model: nn.Module, step: dict, k: int) -> dict:
         """Changes ``model`` after its finetune, before it is evaluated; returns the step's log
         entries, updated."""
@@ -212,8 +179,11 @@ class Schedule:
             if step is None:
                 stopped = f"iteration {k}: nothing left to change"
                 break
+            regularized = self._regularized(candidate, entropies, step, trajectory)
+            if regularized[0]:
+                step = {**step, "regularized": regularized[0]}
             try:
-                history = self._finetune(candidate)
+                history = self._finetune(candidate, regularized)
             except NonFiniteLossError as e:
                 stopped = f"iteration {k}: {e}; kept the last good checkpoint"
                 break
@@ -277,12 +247,21 @@ class Schedule:
         )
         return {name: r.entropy for name, r in result.items()}
 
-    def _finetune(self, model: nn.Module) -> list[dict]:
+    def _finetune(self, model: nn.Module, regularized: tuple[list[str], float, float] = ([], 0.0, 1.0)) -> list[dict]:
         o = self.options
         if o.train_fn is not None:
             o.train_fn(model, self.train_loader)
             return []
-        return finetune(model, self.train_loader, o.recipe, device=o.device, progress=o.progress)
+        names, weight, tau = regularized
+        targets = [sites(model)[n] for n in names] if weight > 0 else []
+        for s in targets:
+            s.regularize(tau)
+        try:
+            penalty = functools.partial(_entropy_penalty, targets, weight) if targets else None
+            return finetune(model, self.train_loader, o.recipe, device=o.device, progress=o.progress, regularizer=penalty)
+        finally:
+            for s in targets:  # no proxy, with its graph, may stay on the model (copies and checkpoints)
+                s.regularize(None)
 
     def _fold(self, model: nn.Module) -> _Folded:
         with warnings.catch_warnings(record=True) as caught:
@@ -364,6 +343,17 @@ class _Folded(NamedTuple):
     warnings: list
 
 
+def _entropy_penalty(targets: list, weight: float) -> torch.Tensor:
+    """``weight`` times the mean entropy proxy of the regularized sites that ran in the batch's
+    forward (each proxy is used once: a site skipped by the next forward adds nothing)."""
+    proxies = [s.entropy_proxy for s in targets if s.entropy_proxy is not None]
+    for s in targets:
+        s.entropy_proxy = None
+    if not proxies:
+        return torch.zeros(())
+    return weight * torch.stack(proxies).mean()
+
+
 def _batch(example_input) -> Optional[int]:
     first = example_input[0] if isinstance(example_input, tuple) else example_input
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else None
@@ -374,23 +364,3 @@ def _world_size() -> dict:
     shard and reduce differently. Left out for one process, as runs of earlier versions were."""
     n = world_size()
     return {"world_size": n} if n > 1 else {}
-
-
-def summary(result: ScheduleResult) -> dict:
-    """The run's outcome as JSON-able data: accuracies, sites removed, costs before and after, why
-    it stopped, the finetune epochs all iterations spent, and NEPENTHE's sparsity."""
-    out = {
-        "dense_accuracy": result.dense_accuracy, "accuracy": result.accuracy, "removed": result.removed,
-        "before": result.before.as_dict(), "after": result.after.as_dict(), "stopped": result.stopped,
-        # the costs' example input, whose batch MACs and latencies are of
-        "example_images": result.example_images,
-        # what the whole run cost, past the returned iteration too (unknown with a train_fn)
-        "finetune_epochs": sum(len(log["finetune"]) for log in result.trajectory[1:]) if all(log["finetune"] for log in result.trajectory[1:]) else None,
-    }
-    if result.sparsity is not None:
-        out["sparsity"] = result.sparsity
-    if result.latency is not None:
-        out["latency"] = result.latency.as_dict()
-    if result.unmerged:
-        out["unmerged"] = result.unmerged
-    return out

@@ -75,6 +75,7 @@ def finetune(
     progress: bool = True,
     on_epoch_end: Optional[Callable[[dict[str, Any]], None]] = None,
     desc: str = "finetune",
+    regularizer: Optional[Callable[[], Tensor]] = None,
 ) -> list[dict[str, Any]]:
     """Trains the model with cross-entropy, from a fresh optimizer and learning-rate schedule.
 
@@ -103,6 +104,9 @@ def finetune(
         on_epoch_end: called with each epoch's record after the epoch, on every rank (so it may call
             collective functions such as :func:`evaluate`).
         desc: the progress bar's label.
+        regularizer: called after each batch's forward; what it returns (a scalar tensor) is added
+            to the loss (e.g. the entropy proxies of regularized sites, see
+            :meth:`easier_ext.EntropyActivation.regularize`). The records' ``loss`` includes it.
 
     Returns:
         one record per epoch: ``epoch`` (0-based), ``lr`` (the epoch's learning rate), ``loss``
@@ -141,7 +145,8 @@ def finetune(
                 lr = optimizer.param_groups[0]["lr"]
                 start = time.perf_counter()
                 loss_sum, correct, samples = _train_epoch(
-                    train_model, train_loader, optimizer, scaler, criterion, device, use_amp, epoch, recipe.max_batches, bar
+                    train_model, train_loader, optimizer, scaler, criterion, device, use_amp, epoch, recipe.max_batches, bar,
+                    regularizer,
                 )
                 loss_sum, correct, samples = _sum_over_ranks([loss_sum, correct, samples], device)
                 if samples == 0:
@@ -178,6 +183,7 @@ def _train_epoch(
     epoch: int,
     max_batches: Optional[int],
     bar: tqdm,
+    regularizer: Optional[Callable[[], Tensor]],
 ) -> list[Tensor]:
     """One pass; returns this rank's summed loss, correct count and sample count, on the device."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -188,6 +194,8 @@ def _train_epoch(
         with autocast(device, use_amp):
             logits = model(inputs)
             loss = criterion(logits, targets)
+            if regularizer is not None:
+                loss = loss + regularizer()
         _check_finite(loss, epoch, index)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
