@@ -463,6 +463,9 @@ def test_options_take_numpy_ints_and_any_list_of_sites_and_are_copied():
     with pytest.raises(ValueError, match="patience must be an int >= 0"):
         EasierOptions(patience=True)
     run = schedule(options=options)
+    assert run.patience == 2 and run.protect == ("2",)  # read as attributes, as before the options object
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        run.nonsense
     options.budget = -5.0  # changing the caller's object afterwards changes nothing
     assert run.options is not options and run.options.budget == 1.0
 

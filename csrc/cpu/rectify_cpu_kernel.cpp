@@ -129,20 +129,12 @@ Vectorized<C> add_on(const Vectorized<C>& acc, const Vectorized<T>& x) {
   return acc - at::vec::cast<C>(x > Vectorized<T>(T(0)));
 }
 
-template <typename C>
-int64_t lane_sum(const Vectorized<C>& v) {
-  std::array<C, Vectorized<C>::size()> lanes;
-  v.store(lanes.data());
-  int64_t s = 0;
-  for (C x : lanes) s += x;
-  return s;
-}
-
-template <typename T>
-double lane_total(const Vectorized<T>& v) {
+// The sum of a vector's lanes, in R: int64 for the counts, double for the entropy sums.
+template <typename R, typename T>
+R lane_sum(const Vectorized<T>& v) {
   std::array<T, Vectorized<T>::size()> lanes;
   v.store(lanes.data());
-  double s = 0;
+  R s = 0;
   for (T x : lanes) s += x;
   return s;
 }
@@ -356,9 +348,9 @@ int64_t plane(const scalar_t* x, scalar_t* y, int64_t n, const Parts<scalar_t>& 
   for (int k = 1; k < U * P; ++k) count[0] = count[0] + count[k];
   if constexpr (E) {
     for (int k = 1; k < U * P; ++k) ent[0] = ent[0] + ent[k];
-    *nats += lane_total(ent[0]);
+    *nats += lane_sum<double>(ent[0]);
   }
-  return lane_sum(count[0]);
+  return lane_sum<int64_t>(count[0]);
 }
 
 // inner > 1: every (outer, channel) pair is one contiguous plane of `inner` values (NCHW convs).

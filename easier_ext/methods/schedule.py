@@ -8,7 +8,7 @@ import copy
 import functools
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
@@ -87,6 +87,14 @@ class Schedule:
         self.example_input = example_input
         identity = {**options.identity(), "sites": list(sites(self.model)), **_world_size(), **(options.config or {})}
         self.run_dir = RunDir(options.run_dir, identity, resume=options.resume) if options.run_dir is not None else None
+
+    def __getattr__(self, name: str) -> Any:
+        # the options were attributes of the schedule before they had their own object
+        # (schedule.budget, nepenthe.zeta): read them there
+        options = self.__dict__.get("options")
+        if options is not None and name in {f.name for f in fields(options)}:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def start_from(self, model: nn.Module) -> None:
         """Makes ``model`` the one the run starts from (e.g. the constructor's model after
