@@ -20,6 +20,7 @@ from testing import (
     PIECEWISE_LINEAR,
     assert_bit_exact,
     assert_within_rounding,
+    gradcheck_inputs,
     has_kernel,
     make_input,
     make_weight,
@@ -192,11 +193,7 @@ def test_gradient_parts(device, activation):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gradcheck_float64(activation):
-    for shape, dim in [((2, 3, 4, 5), 1), ((4, 6), -1)]:
-        x = make_input(shape, torch.float64, "cpu", special=False).requires_grad_()
-        w = make_weight(activation, shape[dim], torch.float64, "cpu")
-        inputs = (x,) if w is None else (x, w.requires_grad_())
-
+    for inputs, dim in gradcheck_inputs(activation):
         def f(x, w=None):
             y, _, sums = ENTROPY_OP(x, activation, 0.2, w, dim, TAU)
             return y, sums

@@ -9,15 +9,16 @@ import torch
 from easier_ext import ops
 from testing import (
     ACTIVATIONS,
+    BIT_EXACT_ON_CPU,
     DEVICES,
     DTYPES,
     INPLACE_OP,
     OP,
-    BIT_EXACT_ON_CPU,
     PIECEWISE_LINEAR,
     assert_bit_exact,
     assert_within_rounding,
     bits,
+    gradcheck_inputs,
     has_kernel,
     make_input,
     make_weight,
@@ -25,6 +26,7 @@ from testing import (
     reference_counts,
     sample_inputs,
 )
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -144,11 +146,7 @@ def test_gradients_match_torch(device, activation):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gradcheck_float64(activation):
-    for shape, dim in [((2, 3, 4, 5), 1), ((4, 6), -1)]:
-        x = make_input(shape, torch.float64, "cpu", special=False).requires_grad_()
-        w = make_weight(activation, shape[dim], torch.float64, "cpu")
-        inputs = (x,) if w is None else (x, w.requires_grad_())
-
+    for inputs, dim in gradcheck_inputs(activation):
         def f(x, w=None):
             return OP(x, activation, 0.2, w, dim)[0]
 

@@ -179,6 +179,15 @@ def sample_inputs(device, dtype, activation, special=True):
             yield (x, activation, 0.2, w, dim), f"{shape}-{dim}-{layout}-{'w' if per_channel else 'w1'}"
 
 
+def gradcheck_inputs(activation: str):
+    """``(inputs, channel_dim)`` for ``gradcheck`` in float64 on the CPU, a conv-shaped and a
+    Linear-shaped case: the input, and prelu's weight after it."""
+    for shape, dim in [((2, 3, 4, 5), 1), ((4, 6), -1)]:
+        x = make_input(shape, torch.float64, "cpu", special=False).requires_grad_()
+        w = make_weight(activation, shape[dim], torch.float64, "cpu")
+        yield ((x,) if w is None else (x, w.requires_grad_())), dim
+
+
 def _gloo_rank(rank: int, init_file: str, out_dir: str, fn) -> None:
     import torch.distributed as dist
 

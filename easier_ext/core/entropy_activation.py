@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from easier_ext.core import ops
+from easier_ext.core.checks import is_real
 from easier_ext.core.entropy import binary_entropy, layer_entropy
 from easier_ext.core.shapes import channel_view
 
@@ -142,7 +143,7 @@ class EntropyActivation(nn.Module):
         Args:
             tau: the proxy's temperature (> 0), or ``None``.
         """
-        if tau is not None and not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and 0 < tau < float("inf")):
+        if tau is not None and not (is_real(tau) and tau > 0):
             raise ValueError(f"tau must be a positive, finite temperature, got {tau!r}")
         self.entropy_tau = None if tau is None else float(tau)
         self.entropy_proxy = None

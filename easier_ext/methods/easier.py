@@ -92,7 +92,8 @@ class EASIER(Schedule):
         o = self.options
         if o.entropy_weight == 0:
             return [], 0.0, o.entropy_tau
-        left = sorted((h, n) for n, h in entropies.items() if n not in o.protect and not sites(model)[n].linearized)
+        found = sites(model)
+        left = sorted((h, n) for n, h in entropies.items() if n not in o.protect and not found[n].linearized)
         names = [n for _, n in left] if o.regularize == "all" else [n for _, n in left[: step["sites_per_step"]]]
         return names, o.entropy_weight, o.entropy_tau
 

@@ -255,13 +255,14 @@ class Schedule:
         )
         return {name: r.entropy for name, r in result.items()}
 
-    def _finetune(self, model: nn.Module, regularized: tuple[list[str], float, float] = ([], 0.0, 1.0)) -> list[dict]:
+    def _finetune(self, model: nn.Module, regularized: tuple[Sequence[str], float, float] = ((), 0.0, 1.0)) -> list[dict]:
         o = self.options
         if o.train_fn is not None:
             o.train_fn(model, self.train_loader)
             return []
         names, weight, tau = regularized
-        targets = [sites(model)[n] for n in names] if weight > 0 else []
+        found = sites(model)
+        targets = [found[n] for n in names] if weight > 0 else []
         for s in targets:
             s.regularize(tau)
         try:
