@@ -24,7 +24,7 @@ from easier_ext.surgery.fold import FOLD_COSTS, fold
 from easier_ext.surgery.costs import Cost, LatencyComparison, compare, compare_latency, cost
 from easier_ext.surgery.export import export_onnx, export_program
 from easier_ext.app.models import build_model
-from easier_ext.methods.train import NonFiniteLossError, Recipe, evaluate, finetune
+from easier_ext.methods.train import NonFiniteLossError, Recipe, evaluate, finetune, recalibrate_batchnorm
 from easier_ext.methods.options import ScheduleOptions
 from easier_ext.methods.schedule import ScheduleResult
 from easier_ext.methods.easier import EASIER, EasierOptions, EasierResult
@@ -87,6 +87,7 @@ __all__ = [
     "NonFiniteLossError",
     "ops",
     "pruning",
+    "recalibrate_batchnorm",
     "Recipe",
     "ScheduleOptions",
     "ScheduleResult",

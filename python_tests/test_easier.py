@@ -1,6 +1,7 @@
 """The EASIER schedule: which sites it removes, the budget, checkpoints that resume to the same
 result, refusals, and the CLI end to end on a tiny model."""
 
+import copy
 import functools
 import json
 import sys
@@ -563,3 +564,175 @@ def test_regularizer_options_are_checked_before_anything_is_written(tmp_path):
         with pytest.raises(ValueError, match=message):
             schedule(run_dir=tmp_path / "run", **kwargs)
         assert not (tmp_path / "run").exists()
+
+
+# -- trying sites without a finetune first (probe) --------------------------------------------
+
+def reference_batch_norm_statistics(features: list) -> tuple:
+    """BatchNorm's running statistics with a cumulative average: the mean over the batches of each
+    batch's per-channel mean and unbiased variance."""
+    mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in features]).mean(0)
+    var = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in features]).mean(0)
+    return mean, var
+
+
+def test_recalibrate_batchnorm_against_the_per_batch_statistics():
+    from easier_ext.methods.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.fill_(5.0)
+        model[1].running_var.fill_(9.0)
+    batches = [(torch.randn(8, 3, 6, 6) * 2 + 1, torch.zeros(8)) for _ in range(3)]
+    conv = [p.clone() for p in model.parameters()]
+    assert recalibrate_batchnorm(model, batches, max_batches=2) == 1
+    with torch.no_grad():
+        mean, var = reference_batch_norm_statistics([model[0](x) for x, _ in batches[:2]])
+    torch.testing.assert_close(model[1].running_mean, mean)
+    torch.testing.assert_close(model[1].running_var, var)
+    assert not model.training and model[1].momentum == 0.1  # flag and momentum restored
+    assert all(torch.equal(a, b) for a, b in zip(conv, model.parameters()))
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    before = copy.deepcopy(plain.state_dict())
+    assert recalibrate_batchnorm(plain, batches) == 0
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
+def _bn_model_and_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    return model, [(torch.randn(8, 3, 6, 6) + i, torch.zeros(8)) for i in range(4)]
+
+
+def _recalibrated_on_this_rank() -> list:
+    from easier_ext.methods.train import recalibrate_batchnorm
+
+    model, batches = _bn_model_and_batches()
+    rank = torch.distributed.get_rank()
+    recalibrate_batchnorm(model, batches[2 * rank : 2 * rank + 2])  # each rank its own two batches
+    return [model[1].running_mean, model[1].running_var]
+
+
+def test_recalibrate_batchnorm_on_two_ranks_averages_their_statistics(tmp_path):
+    ranks = on_two_gloo_ranks(_recalibrated_on_this_rank, tmp_path)
+    model, batches = _bn_model_and_batches()
+    with torch.no_grad():
+        reference = reference_batch_norm_statistics([model[0](x) for x, _ in batches])
+    for stats in ranks:  # both ranks hold the statistics of all four batches
+        for got, want in zip(stats, reference):
+            torch.testing.assert_close(got, want)
+
+
+def _never_finetune(model, loader):
+    raise AssertionError("a probed iteration within the budget must not finetune")
+
+
+def test_probe_keeps_sites_within_the_budget_without_a_finetune(tmp_path):
+    from easier_ext.methods.train import evaluate
+
+    dense = trained_cnn()
+    result = schedule(dense, probe=True, max_iterations=2, run_dir=tmp_path, train_fn=_never_finetune).run()
+    first, second = result.trajectory[1:]
+    for log in (first, second):
+        assert log["finetuned"] is False and log["finetune"] == [] and len(log["probes"]) == 1
+        assert log["probes"][0]["accuracy"] == log["val_accuracy"] and log["probes"][0]["removed"] == log["removed"]
+    # the kept model is the probed one: its accuracy, and its first BatchNorm re-estimated on the training batches
+    kept = torch.load(tmp_path / "checkpoints" / "001.pt", weights_only=False)["model"]
+    assert evaluate(kept, loaders()[1]) == first["val_accuracy"]
+    with torch.no_grad():
+        mean, var = reference_batch_norm_statistics([kept[0](x) for x, _ in loaders()[0]])
+    torch.testing.assert_close(kept[1].running_mean, mean)
+    torch.testing.assert_close(kept[1].running_var, var)
+    assert not torch.allclose(dense[1].running_mean, mean)  # the finetuned dense model's were not these
+    assert json.loads((tmp_path / "summary.json").read_text())["finetune_epochs"] == 0
+    assert json.loads((tmp_path / "config.json").read_text())["probe"] is True
+    from easier_ext.app.report import write_report
+
+    rows = [line for line in write_report(tmp_path).read_text().splitlines() if line.startswith(("| 1 ", "| 2 "))]
+    assert len(rows) == 2 and all("no finetune" in row for row in rows)
+
+
+def _ten_points_per_linear_site(model, loader, **kwargs):
+    return 100.0 - 10.0 * sum(s.linearized for s in ee.sites(model).values())
+
+
+def test_probe_halves_the_sites_until_one_count_is_within_the_budget(monkeypatch):
+    import easier_ext.methods.easier as easier_module
+
+    monkeypatch.setattr(easier_module, "evaluate", _ten_points_per_linear_site)
+    result = schedule(trained_cnn(), probe=True, budget=15.0, sites_per_step=4, max_iterations=1, train_fn=_never_finetune).run()
+    log = result.trajectory[1]
+    dense = result.trajectory[0]["val_accuracy"]
+    assert [p["sites_per_step"] for p in log["probes"]] == [4, 2, 1]
+    assert [p["accuracy"] for p in log["probes"]] == [100.0 - 10 * len(p["removed"]) for p in log["probes"]]
+    assert len(log["probes"][-1]["removed"]) == 1 and dense - log["val_accuracy"] <= 15.0
+    assert log["removed"] == log["probes"][-1]["removed"] and log["sites_per_step"] == 4 and log["finetuned"] is False
+    assert result.removed == log["removed"] and sorted(log["linearized"]) == sorted(log["removed"])
+
+
+def test_when_no_probe_is_within_the_budget_the_lowest_site_alone_is_finetuned(monkeypatch):
+    import easier_ext.methods.easier as easier_module
+
+    monkeypatch.setattr(easier_module, "evaluate", lambda *args, **kwargs: 0.0)
+    finetuned = []
+
+    def ruin(model, loader):  # records what is linear, then ends the iteration over the budget
+        finetuned.append(sorted(n for n, s in ee.sites(model).items() if s.linearized))
+        with torch.no_grad():
+            model[-1].weight.zero_()
+
+    result = schedule(trained_cnn(), probe=True, budget=15.0, sites_per_step=2, max_iterations=2, patience=1, train_fn=ruin).run()
+    first, second = result.trajectory[1:]
+    lowest = min(first["entropies"], key=first["entropies"].get)
+    assert [p["sites_per_step"] for p in first["probes"]] == [2, 1] and "finetuned" not in first
+    assert first["removed"] == first["probes"][-1]["removed"] == [lowest] and finetuned[0] == [lowest]
+    # over the budget, yet not undone: one site, as plain EASIER (patience decides); the next goes on from it
+    assert not first.get("undone") and lowest in second["linearized"] and len(finetuned) == 2
+
+
+def test_auto_doubles_what_a_probe_kept():
+    from easier_ext.methods.easier import sites_per_step
+
+    def probed(tried, kept):
+        return {"sites_per_step": tried, "finetuned": False, "probes": [{"sites_per_step": k} for k in (tried, kept) if k]}
+
+    assert sites_per_step("auto", [{}, probed(1, 0)]) == 2
+    assert sites_per_step("auto", [{}, probed(1, 0), probed(2, 0), probed(4, 1)]) == 2  # kept 1 of the 4 tried
+    assert sites_per_step(4, [{}, probed(4, 1)]) == 4  # a fixed number stays
+    finetuned_alone = {"sites_per_step": 4, "probes": [{"sites_per_step": k} for k in (4, 2, 1)]}
+    assert sites_per_step("auto", [{}, probed(1, 0), probed(2, 0), finetuned_alone]) == 2
+
+
+def test_resume_after_a_crash_with_probes(tmp_path, monkeypatch):
+    import easier_ext.methods.easier as easier_module
+
+    kwargs = {"probe": True, "sites_per_step": "auto", "max_iterations": 3}
+    dense = trained_cnn()
+    full = schedule(dense, run_dir=tmp_path / "full", **kwargs).run()
+    real, calls = easier_module.recalibrate_batchnorm, {"n": 0}
+
+    def crash_on_third(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(easier_module, "recalibrate_batchnorm", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        schedule(dense, run_dir=tmp_path / "crashed", **kwargs).run()
+    monkeypatch.setattr(easier_module, "recalibrate_batchnorm", real)
+    resumed = schedule(dense, run_dir=tmp_path / "crashed", resume=True, **kwargs).run()
+    for key in ("removed", "sites_per_step", "probes", "finetuned", "val_accuracy"):
+        assert [log.get(key) for log in resumed.trajectory] == [log.get(key) for log in full.trajectory], key
+    for (key, a), b in zip(resumed.linearized.state_dict().items(), full.linearized.state_dict().values()):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
+
+
+def test_probe_is_a_bool_checked_before_anything_is_written(tmp_path):
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="probe must be a bool"):
+            schedule(probe=bad, run_dir=tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(TypeError):
+        schedule(method=NEPENTHE, probe=True)

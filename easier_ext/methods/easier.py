@@ -14,6 +14,7 @@ from easier_ext.core.sites import sites
 from easier_ext.surgery.linearize import linearize, mergeable_layers
 from easier_ext.methods.options import ScheduleOptions, documented, option
 from easier_ext.methods.schedule import Schedule, ScheduleResult
+from easier_ext.methods.train import evaluate, recalibrate_batchnorm
 
 __all__ = ["EASIER", "EasierOptions", "EasierResult", "sites_per_step"]
 
@@ -43,6 +44,11 @@ class EasierOptions(ScheduleOptions):
     entropy_tau: float = option(
         1.0, help="the proxy's temperature: each value z counts as ON with probability sigmoid(z / tau)",
         cli=True, check=lambda v: is_real(v) and v > 0, expected="a number > 0", convert=float, recorded_if_set=True)
+    probe: bool = option(
+        False, help="before a finetune, try the iteration's sites, then half as many, down to one, on a copy with its BatchNorm "
+                    "statistics re-estimated on the measured batches: the first within the budget is kept with no finetune "
+                    "(a forward pass instead of an epoch); when none is, it finetunes the lowest site alone",
+        cli=True, recorded_if_set=True)
     regularize: str = option("next", help="which sites the regularizer pushes: the next ones to be linearized (as many "
                                           "as the iteration removed) or all remaining ones",
                              cli=True, choices=("next", "all"), what="regularized site set", recorded_if_set=True)
@@ -65,6 +71,13 @@ class EASIER(Schedule):
     iteration the run goes on as plain EASIER (``patience``, then stop). Iterations that were undone
     are in the trajectory (``"undone": True``) and count towards ``max_iterations``.
 
+    With ``probe``, an iteration first tries its sites without a finetune: on a copy, linearized
+    and with its BatchNorm statistics re-estimated (:func:`easier_ext.methods.train.recalibrate_batchnorm`),
+    evaluated; then half as many, down to one. The first within the budget is kept as it is
+    (``"finetuned": False``; ``"auto"`` then doubles the number it kept); every try is logged
+    (``"probes"``). When none is, not even the lowest site alone, the iteration linearizes that
+    one site and finetunes, as plain EASIER does (never undone: ``patience`` decides).
+
     Args:
         model, train_loader, val_loader, example_input, options, keywords: see
             :class:`easier_ext.methods.schedule.Schedule`; the options are :class:`EasierOptions`.
@@ -77,8 +90,42 @@ class EASIER(Schedule):
         chosen = self._choose(model, entropies, count)
         if not chosen:
             return None
+        if self.options.probe:
+            probes, kept = self._probe(model, entropies, count, trajectory[0]["val_accuracy"])
+            if kept is not None:
+                names, trial = kept
+                linearize(model, names)  # the same change as the trial's, whose statistics are then taken
+                model.load_state_dict(trial.state_dict())
+                return {"removed": names, "sites_per_step": count, "probes": probes, "finetuned": False,
+                        "accuracy": probes[-1]["accuracy"]}
+            # even the lowest site alone was over the budget: more would not end within it either
+            chosen = probes[-1]["removed"]
         linearize(model, chosen)
-        return {"removed": chosen, "sites_per_step": count}
+        return {"removed": chosen, "sites_per_step": count, **({"probes": probes} if self.options.probe else {})}
+
+    def _probe(self, model: nn.Module, entropies: dict[str, float], count: int,
+               dense_accuracy: float) -> tuple[list[dict], Optional[tuple[list[str], nn.Module]]]:
+        """Tries ``count`` sites, then half as many, down to one, each on a copy of ``model``
+        with re-estimated BatchNorm statistics, until one is within the budget.
+
+        Returns:
+            each try's ``{"sites_per_step", "removed", "accuracy"}``, and the first within the
+            budget (its sites and its model), or ``None`` when none was.
+        """
+        o = self.options
+        probes = []
+        while True:
+            names = self._choose(model, entropies, count)
+            trial = copy.deepcopy(model)
+            linearize(trial, names)
+            recalibrate_batchnorm(trial, self.train_loader, max_batches=o.measure_batches, device=o.device)
+            accuracy = evaluate(trial, self.val_loader, device=o.device)
+            probes.append({"sites_per_step": count, "removed": names, "accuracy": accuracy})
+            if dense_accuracy - accuracy <= o.budget:
+                return probes, (names, trial)
+            if count == 1:
+                return probes, None
+            count //= 2
 
     def _prepare(self, model: nn.Module) -> None:
         o = self.options
@@ -100,7 +147,7 @@ class EASIER(Schedule):
     def _undo(self, log: dict, dense_accuracy: float) -> bool:
         """An iteration of several sites over the budget is undone (one of one site is kept, as
         plain EASIER keeps it: ``patience`` decides)."""
-        return log["sites_per_step"] > 1 and dense_accuracy - log["val_accuracy"] > self.options.budget
+        return _kept(log) > 1 and dense_accuracy - log["val_accuracy"] > self.options.budget
 
     def _choose(self, model: nn.Module, entropies: dict[str, float], count: int = 1) -> list[str]:
         """The ``count`` lowest-entropy sites (fold-aware: the first is a nearly as low one that
@@ -129,16 +176,27 @@ def sites_per_step(option: Any, trajectory: Sequence[dict]) -> int:
 
     Returns:
         the option's number (``"auto"``: 1), doubled after each kept iteration while ``"auto"``
-        and no iteration was undone, halved (at least 1) after each undone one.
+        and no iteration was undone (twice the number of sites it kept, when that was fewer than
+        it tried: see ``probe``), halved (at least 1) after each undone one.
     """
     count, grow = (1, True) if option == "auto" else (option, False)
     for log in trajectory[1:]:
         used = log.get("sites_per_step", 1)
         if log.get("undone"):
             count, grow = max(1, used // 2), False
+        elif grow:
+            count = 2 * _kept(log)
         else:
-            count = used * 2 if grow else used
+            count = used
     return count
+
+
+def _kept(log: dict) -> int:
+    """The number of lowest-entropy sites an iteration linearized: its ``sites_per_step``, or
+    after probes the count of the one within the budget (1 when none was: see ``probe``)."""
+    if "probes" not in log:
+        return log.get("sites_per_step", 1)
+    return log["probes"][-1]["sites_per_step"] if log.get("finetuned") is False else 1
 
 
 def _enables_merge(model: nn.Module, name: str) -> bool:

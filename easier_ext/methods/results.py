@@ -62,7 +62,7 @@ def summary(result: ScheduleResult) -> dict:
         # the costs' example input, whose batch MACs and latencies are of
         "example_images": result.example_images,
         # what the whole run cost, past the returned iteration too (unknown with a train_fn)
-        "finetune_epochs": sum(len(log["finetune"]) for log in result.trajectory[1:]) if all(log["finetune"] for log in result.trajectory[1:]) else None,
+        "finetune_epochs": _finetune_epochs(result.trajectory),
     }
     if result.sparsity is not None:
         out["sparsity"] = result.sparsity
@@ -71,3 +71,12 @@ def summary(result: ScheduleResult) -> dict:
     if result.unmerged:
         out["unmerged"] = result.unmerged
     return out
+
+
+def _finetune_epochs(trajectory: list[dict]) -> Optional[int]:
+    """The epochs every iteration's finetune ran (a probed iteration kept with none ran 0); None
+    when a train_fn finetuned, whose epochs are not known."""
+    finetuned = [log for log in trajectory[1:] if log.get("finetuned", True)]
+    if not all(log["finetune"] for log in finetuned):
+        return None
+    return sum(len(log["finetune"]) for log in finetuned)

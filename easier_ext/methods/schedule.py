@@ -127,7 +127,9 @@ class Schedule:
 
         Returns:
             the iteration's log entries, at least ``"removed"`` (the sites linearized by this
-            step); ``None`` when there is nothing left to do (the loop stops).
+            step); with ``"finetuned": False`` and ``"accuracy"`` (the changed model's, measured
+            by the step) the finetune is skipped; ``None`` when there is nothing left to do (the
+            loop stops).
         """
         raise NotImplementedError
 
@@ -187,16 +189,19 @@ class Schedule:
             if step is None:
                 stopped = f"iteration {k}: nothing left to change"
                 break
-            regularized = self._regularized(candidate, entropies, step, trajectory)
-            if regularized[0]:
-                step = {**step, "regularized": regularized[0]}
-            try:
-                history = self._finetune(candidate, regularized)
-            except NonFiniteLossError as e:
-                stopped = f"iteration {k}: {e}; kept the last good checkpoint"
-                break
-            step = self._after_finetune(candidate, step, k)
-            accuracy = evaluate(candidate, self.val_loader, device=self.options.device)
+            if step.get("finetuned", True):
+                regularized = self._regularized(candidate, entropies, step, trajectory)
+                if regularized[0]:
+                    step = {**step, "regularized": regularized[0]}
+                try:
+                    history = self._finetune(candidate, regularized)
+                except NonFiniteLossError as e:
+                    stopped = f"iteration {k}: {e}; kept the last good checkpoint"
+                    break
+                step = self._after_finetune(candidate, step, k)
+                accuracy = evaluate(candidate, self.val_loader, device=self.options.device)
+            else:  # the step evaluated its change already, within the budget: no finetune
+                history, accuracy = [], step.pop("accuracy")
             log, folded = self._log(k, candidate, step, entropies, history, accuracy, time.perf_counter() - t0)
             trajectory.append(log)
             if self._undo(log, dense):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
 from easier_ext.core.modules import EntropyActivation
@@ -36,6 +37,7 @@ __all__ = [
     "finetune",
     "make_optimizer",
     "make_scheduler",
+    "recalibrate_batchnorm",
 ]
 
 Device = Union[str, torch.device, None]
@@ -302,6 +304,45 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: Device = None, amp: 
     if total_all == 0:
         raise ValueError("the loader gave no targets; nothing to evaluate")
     return 100.0 * correct_all / total_all
+
+
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable, *, max_batches: Optional[int] = None,
+                          device: Device = None) -> int:
+    """Re-estimates every BatchNorm layer's running mean and variance from training batches,
+    without gradients and without changing a parameter (:func:`torch.optim.swa_utils.update_bn`).
+
+    Linearizing a site changes what the layers after it see: their running statistics, kept from
+    before, then normalize with the wrong mean and variance. Re-estimating them is a forward pass
+    over a few batches, and recovers much of what a finetune would (Li et al. 2016, "Revisiting
+    batch normalization for practical domain adaptation").
+
+    Under ``torch.distributed`` every rank passes its own batches and the statistics are then
+    averaged over the ranks (each rank must pass the same number of batches for the mean to be
+    the pooled one), so that the ranks' models stay identical.
+
+    Args:
+        model: the module (or a DDP wrapper of it), changed in place; its training flag is restored.
+        loader: iterable of ``(input, target)`` batches (or inputs).
+        max_batches: use at most this many batches (default: all).
+        device: where batches go; default: the model's parameters' device.
+
+    Returns:
+        the number of BatchNorm layers re-estimated (0: the model has none, nothing ran).
+    """
+    net = unwrap_ddp(model)
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not layers:
+        return 0
+    device = torch.device(device) if device is not None else model_device(net)
+    update_bn(loader if max_batches is None else itertools.islice(loader, max_batches), net, device)
+    if world_size() > 1:
+        for m in layers:
+            stats = torch.stack([m.running_mean, m.running_var]).to(_collective_device(device))
+            dist.all_reduce(stats)
+            stats /= world_size()
+            m.running_mean.copy_(stats[0])
+            m.running_var.copy_(stats[1])
+    return len(layers)
 
 
 # -- helpers -------------------------------------------------------------------------------------
