@@ -44,6 +44,28 @@ def latency(run_dir: Path, batch: int, rounds: int, size: int) -> LatencyCompari
     return compare_latency(dense, folded, x, rounds=rounds)
 
 
+def runs_from_one_dense(name: str, variants: dict[str, list[str]], out: Path, budget: float, resume: bool) -> dict[str, Path]:
+    """``easier-ext run`` of model ``name`` once per variant (its extra options), in ``out/<variant>``:
+    the first trains the dense model, the others start from its ``dense.pt``. With ``resume``, a
+    finished run is kept as it is and an unfinished one resumed.
+
+    Returns:
+        each variant's run directory.
+    """
+    dense_weights, dirs = None, {}
+    for variant, options in variants.items():
+        run_dir = dirs[variant] = out / variant
+        size = (["--image-size", str(IMAGE_SIZE[name])] if name in IMAGE_SIZE else []) + MODEL_ARGS.get(name, [])
+        start = ["--weights", str(dense_weights), "--pretrain-epochs", "0"] if dense_weights else []
+        if not (resume and (run_dir / "summary.json").exists()):
+            status = cli(["run", "--model", name, "--budget", str(budget), "--run-dir", str(run_dir), "--quiet", "--no-latency",
+                          *size, *start, *options, *(["--resume"] if resume and run_dir.exists() else [])])
+            if status != 0:
+                sys.exit(f"easier-ext run {' '.join(options)} failed for {name}")
+        dense_weights = dense_weights or run_dir / "dense.pt"
+    return dirs
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -61,20 +83,9 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {machine('cpu')}, digits 16x16, budget {args.budget} point(s), {extra}\n", flush=True)
     rows = []
     for name in args.models:
-        dense_weights = None
-        for method in args.methods:
-            run_dir = args.out / name / method
-            size = (["--image-size", str(IMAGE_SIZE[name])] if name in IMAGE_SIZE else []) + MODEL_ARGS.get(name, [])
-            start = ["--weights", str(dense_weights), "--pretrain-epochs", "0"] if dense_weights else []
-            if args.resume and (run_dir / "summary.json").exists():
-                status = 0  # finished: only timed again
-            else:
-                status = cli(["run", "--model", name, "--method", method, "--budget", str(args.budget), "--run-dir", str(run_dir),
-                              "--quiet", "--no-latency", *size, *start] + args.run_args.split() + getattr(args, f"{method}_args").split()
-                             + (["--resume"] if args.resume and run_dir.exists() else []))
-            if status != 0:
-                sys.exit(f"easier-ext run --method {method} failed for {name}")
-            dense_weights = dense_weights or run_dir / "dense.pt"
+        variants = {method: ["--method", method, *args.run_args.split(), *getattr(args, f"{method}_args").split()]
+                    for method in args.methods}
+        for method, run_dir in runs_from_one_dense(name, variants, args.out / name, args.budget, args.resume).items():
             summary = json.loads((run_dir / "summary.json").read_text())
             config = json.loads((run_dir / "config.json").read_text())
             rows.append((name, method, summary, len(config["sites"]), latency(run_dir, args.batch, args.rounds, config["image_size"])))

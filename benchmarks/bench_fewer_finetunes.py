@@ -1,0 +1,86 @@
+"""EASIER as it was against its ways of paying fewer finetunes, side by side from the same dense
+weights and within the same budget: how many sites go, how many finetune epochs that took (undone
+iterations included), the wall time, the final accuracy, depth and CPU latency.
+
+Variants (``easier-ext run --method easier`` options on top of ``--run-args``):
+
+- ``base``: one site per iteration, a finetune after each (the paper's EASIER);
+- ``auto``: ``--sites-per-step auto`` (doubling while within the budget, an over-budget iteration
+  undone and the number halved);
+- ``probe``: ``auto`` and ``--probe`` (each iteration's sites, then half as many, tried with
+  re-estimated BatchNorm statistics and kept without a finetune when within the budget);
+- ``probe+reg``: ``probe`` and the entropy regularizer (``--entropy-weight 0.01``).
+
+The first variant of each model trains the dense model (``easier-ext run`` pretrains it); every
+other variant starts from its ``dense.pt``. Run from the repository root:
+
+    python benchmarks/bench_fewer_finetunes.py [--models resnet18 mobilenet_v2 vgg16_bn] [--variants base auto probe probe+reg]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import machine  # noqa: E402
+from bench_methods import latency, runs_from_one_dense  # noqa: E402
+
+MODELS = ("resnet18", "mobilenet_v2", "vgg16_bn")
+VARIANTS = {
+    "base": [],
+    "auto": ["--sites-per-step", "auto"],
+    "probe": ["--sites-per-step", "auto", "--probe"],
+    "probe+reg": ["--sites-per-step", "auto", "--probe", "--entropy-weight", "0.01"],
+}
+
+
+def iterations(run_dir: Path) -> list[dict]:
+    """The run's iteration logs, iteration 0 first."""
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "iterations").glob("*.json"))]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_fewer_finetunes"))
+    parser.add_argument("--budget", type=float, default=1.0)
+    parser.add_argument("--run-args", default="--patience 2", help="easier-ext run options for every variant")
+    parser.add_argument("--batch", type=int, default=128, help="batch of the latency measurement")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--resume", action="store_true", help="continue the runs already in --out (finished ones are only timed again)")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {machine('cpu')}, digits, budget {args.budget} point(s), {args.run_args}\n", flush=True)
+    rows = []
+    for name in args.models:
+        variants = {v: ["--method", "easier", *args.run_args.split(), *VARIANTS[v]] for v in args.variants}
+        for variant, run_dir in runs_from_one_dense(name, variants, args.out / name, args.budget, args.resume).items():
+            summary = json.loads((run_dir / "summary.json").read_text())
+            config = json.loads((run_dir / "config.json").read_text())
+            rows.append((name, variant, summary, len(config["sites"]), iterations(run_dir),
+                         latency(run_dir, args.batch, args.rounds, config["image_size"])))
+
+    print(f"\n| model | variant | dense top-1 | final top-1 | sites removed | finetune epochs | vs base | iterations "
+          f"(undone, no finetune) | wall | depth | CPU latency, batch {args.batch} (paired speedup) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    base_epochs = {}
+    for name, variant, s, n, logs, t in rows:
+        epochs = s["finetune_epochs"]
+        base_epochs.setdefault(name, epochs if variant == "base" else None)
+        ratio = f"{epochs / base_epochs[name]:.2f}x" if base_epochs[name] else "-"
+        undone = sum(bool(log.get("undone")) for log in logs)
+        probed = sum(log.get("finetuned") is False for log in logs)
+        wall = sum(log["wall_s"] for log in logs) / 60
+        print(f"| {name} | {variant} | {s['dense_accuracy']:.2f} | {s['accuracy']:.2f} | {len(s['removed'])}/{n} | {epochs} | {ratio} "
+              f"| {len(logs) - 1} ({undone}, {probed}) | {wall:.1f} min | {s['before']['depth']} -> {s['after']['depth']} "
+              f"| {t.before_s * 1e3:.1f} -> {t.after_s * 1e3:.1f} ms ({t.speedup:.2f}x) |")
+
+
+if __name__ == "__main__":
+    main()
