@@ -20,12 +20,13 @@ other variant starts from its ``dense.pt``. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+
+from easier_ext.app.runlog import load_run
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import machine  # noqa: E402
@@ -38,11 +39,6 @@ VARIANTS = {
     "probe": ["--sites-per-step", "auto", "--probe"],
     "probe+reg": ["--sites-per-step", "auto", "--probe", "--entropy-weight", "0.01"],
 }
-
-
-def iterations(run_dir: Path) -> list[dict]:
-    """The run's iteration logs, iteration 0 first."""
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "iterations").glob("*.json"))]
 
 
 def main(argv=None) -> None:
@@ -61,19 +57,17 @@ def main(argv=None) -> None:
     for name in args.models:
         variants = {v: ["--method", "easier", *args.run_args.split(), *VARIANTS[v]] for v in args.variants}
         for variant, run_dir in runs_from_one_dense(name, variants, args.out / name, args.budget, args.resume).items():
-            summary = json.loads((run_dir / "summary.json").read_text())
-            config = json.loads((run_dir / "config.json").read_text())
-            rows.append((name, variant, summary, len(config["sites"]), iterations(run_dir),
-                         latency(run_dir, args.batch, args.rounds, config["image_size"])))
+            run = load_run(run_dir)
+            rows.append((name, variant, run["summary"], len(run["config"]["sites"]), run["iterations"],
+                         latency(run_dir, args.batch, args.rounds, run["config"]["image_size"])))
 
     print(f"\n| model | variant | dense top-1 | final top-1 | sites removed | finetune epochs | vs base | iterations "
           f"(undone, no finetune) | wall | depth | CPU latency, batch {args.batch} (paired speedup) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    base_epochs = {}
+    base_epochs = {name: s["finetune_epochs"] for name, variant, s, *_ in rows if variant == "base"}
     for name, variant, s, n, logs, t in rows:
         epochs = s["finetune_epochs"]
-        base_epochs.setdefault(name, epochs if variant == "base" else None)
-        ratio = f"{epochs / base_epochs[name]:.2f}x" if base_epochs[name] else "-"
+        ratio = f"{epochs / base_epochs[name]:.2f}x" if base_epochs.get(name) else "-"
         undone = sum(bool(log.get("undone")) for log in logs)
         probed = sum(log.get("finetuned") is False for log in logs)
         wall = sum(log["wall_s"] for log in logs) / 60

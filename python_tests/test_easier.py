@@ -599,6 +599,22 @@ def test_recalibrate_batchnorm_against_the_per_batch_statistics():
     assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
 
 
+def test_recalibrate_batchnorm_refuses_bad_input_and_keeps_the_statistics():
+    from easier_ext.methods.train import recalibrate_batchnorm
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        model[1].running_mean.fill_(5.0)
+    before = copy.deepcopy(model.state_dict())
+    batches = [(torch.randn(8, 3, 6, 6), torch.zeros(8))]
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match=r"max_batches must be an int >= 1 \(or None for every batch\), got"):
+            recalibrate_batchnorm(model, batches, max_batches=bad)
+    with pytest.raises(ValueError, match="the loader gave no batch"):
+        recalibrate_batchnorm(model, [])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def _bn_model_and_batches():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
@@ -661,14 +677,41 @@ def test_probe_halves_the_sites_until_one_count_is_within_the_budget(monkeypatch
     import easier_ext.methods.easier as easier_module
 
     monkeypatch.setattr(easier_module, "evaluate", _ten_points_per_linear_site)
+    monkeypatch.setattr(schedule_module, "evaluate", _ten_points_per_linear_site)  # the dense model: 100
     result = schedule(trained_cnn(), probe=True, budget=15.0, sites_per_step=4, max_iterations=1, train_fn=_never_finetune).run()
     log = result.trajectory[1]
-    dense = result.trajectory[0]["val_accuracy"]
+    assert result.trajectory[0]["val_accuracy"] == 100.0
     assert [p["sites_per_step"] for p in log["probes"]] == [4, 2, 1]
-    assert [p["accuracy"] for p in log["probes"]] == [100.0 - 10 * len(p["removed"]) for p in log["probes"]]
-    assert len(log["probes"][-1]["removed"]) == 1 and dense - log["val_accuracy"] <= 15.0
-    assert log["removed"] == log["probes"][-1]["removed"] and log["sites_per_step"] == 4 and log["finetuned"] is False
+    assert [len(p["removed"]) for p in log["probes"]] == [4, 2, 1]  # no site at zero entropy here
+    assert log["removed"] == log["probes"][-1]["removed"] and log["val_accuracy"] == 90.0
+    assert log["sites_per_step"] == 4 and log["finetuned"] is False
     assert result.removed == log["removed"] and sorted(log["linearized"]) == sorted(log["removed"])
+
+
+def test_probes_of_the_same_sites_run_once(monkeypatch):
+    import easier_ext.methods.easier as easier_module
+
+    monkeypatch.setattr(easier_module, "evaluate", lambda *args, **kwargs: 0.0)
+    result = schedule(trained_cnn(), probe=True, budget=15.0, sites_per_step=8, max_iterations=1, train_fn=lambda m, d: None).run()
+    probes = result.trajectory[1]["probes"]
+    assert len(ee.sites(result.linearized)) == 4  # 8 and 4 ask for the same four sites: tried once
+    assert [p["sites_per_step"] for p in probes] == [8, 2, 1] and [len(p["removed"]) for p in probes] == [4, 2, 1]
+
+
+def test_probe_on_a_model_without_batchnorm_evaluates_the_linearized_copy():
+    result = schedule(bn_free_cnn(), probe=True, max_iterations=1, train_fn=_never_finetune).run()
+    log = result.trajectory[1]
+    assert log["finetuned"] is False and log["val_accuracy"] == log["probes"][0]["accuracy"]
+
+
+def test_after_failed_probes_the_regularizer_pushes_as_many_sites_as_were_finetuned(monkeypatch):
+    import easier_ext.methods.easier as easier_module
+
+    monkeypatch.setattr(easier_module, "evaluate", lambda *args, **kwargs: 0.0)
+    result = schedule(trained_cnn(), probe=True, budget=15.0, sites_per_step=2, max_iterations=1, entropy_weight=0.1).run()
+    log = result.trajectory[1]
+    left = sorted((h, n) for n, h in log["entropies"].items() if n not in log["removed"])
+    assert len(log["removed"]) == 1 and log["regularized"] == [left[0][1]]
 
 
 def test_when_no_probe_is_within_the_budget_the_lowest_site_alone_is_finetuned(monkeypatch):

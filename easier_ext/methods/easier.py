@@ -34,7 +34,8 @@ class EasierOptions(ScheduleOptions):
                                    check=lambda v: is_real(v) and v >= 0, expected="a number of bits >= 0", convert=float)
     sites_per_step: Union[int, str] = option(
         1, help="sites linearized per iteration: N, or 'auto' (1, doubled after every iteration within the budget); an "
-                "iteration of several sites that ends over the budget is undone and the number halved, never to grow again",
+                "iteration of several sites that ends over the budget is undone and the number halved, never to grow again "
+                "(with probe, which finetunes one site at a time, none is undone)",
         cli=True, metavar="N|auto", check=lambda v: v == "auto" or (is_int(v) and v >= 1), expected="an int >= 1 or 'auto'",
         cli_type=lambda text: int(text) if text.isdigit() else text, recorded_if_set=True)
     entropy_weight: float = option(
@@ -47,7 +48,8 @@ class EasierOptions(ScheduleOptions):
     probe: bool = option(
         False, help="before a finetune, try the iteration's sites, then half as many, down to one, on a copy with its BatchNorm "
                     "statistics re-estimated on the measured batches: the first within the budget is kept with no finetune "
-                    "(a forward pass instead of an epoch); when none is, it finetunes the lowest site alone",
+                    "(forward passes over the measured training batches and the validation set instead of an epoch); when "
+                    "none is, it finetunes the lowest site alone",
         cli=True, recorded_if_set=True)
     regularize: str = option("next", help="which sites the regularizer pushes: the next ones to be linearized (as many "
                                           "as the iteration removed) or all remaining ones",
@@ -76,7 +78,10 @@ class EASIER(Schedule):
     evaluated; then half as many, down to one. The first within the budget is kept as it is
     (``"finetuned": False``; ``"auto"`` then doubles the number it kept); every try is logged
     (``"probes"``). When none is, not even the lowest site alone, the iteration linearizes that
-    one site and finetunes, as plain EASIER does (never undone: ``patience`` decides).
+    one site (with any at zero entropy, as always) and finetunes, as plain EASIER does (never
+    undone: ``patience`` decides). Every probe is a look at the validation set, which also picks
+    the returned model: the more probes, the more its accuracy there is a selected one (hold out
+    a test set to report).
 
     Args:
         model, train_loader, val_loader, example_input, options, keywords: see
@@ -91,41 +96,42 @@ class EASIER(Schedule):
         if not chosen:
             return None
         if self.options.probe:
-            probes, kept = self._probe(model, entropies, count, trajectory[0]["val_accuracy"])
+            probes, kept = self._probe(model, entropies, count, chosen, trajectory[0]["val_accuracy"])
             if kept is not None:
                 names, trial = kept
                 linearize(model, names)  # the same change as the trial's, whose statistics are then taken
                 model.load_state_dict(trial.state_dict())
                 return {"removed": names, "sites_per_step": count, "probes": probes, "finetuned": False,
                         "accuracy": probes[-1]["accuracy"]}
-            # even the lowest site alone was over the budget: more would not end within it either
+            # even the lowest site alone (with any at zero entropy) was over the budget: more would not end within it either
             chosen = probes[-1]["removed"]
         linearize(model, chosen)
         return {"removed": chosen, "sites_per_step": count, **({"probes": probes} if self.options.probe else {})}
 
-    def _probe(self, model: nn.Module, entropies: dict[str, float], count: int,
+    def _probe(self, model: nn.Module, entropies: dict[str, float], count: int, chosen: list[str],
                dense_accuracy: float) -> tuple[list[dict], Optional[tuple[list[str], nn.Module]]]:
-        """Tries ``count`` sites, then half as many, down to one, each on a copy of ``model``
-        with re-estimated BatchNorm statistics, until one is within the budget.
+        """Tries ``chosen`` (the ``count`` lowest sites), then half as many, down to one, each on
+        a copy of ``model`` with re-estimated BatchNorm statistics, until one is within the budget.
 
         Returns:
             each try's ``{"sites_per_step", "removed", "accuracy"}``, and the first within the
             budget (its sites and its model), or ``None`` when none was.
         """
         o = self.options
-        probes = []
+        probes, names = [], chosen
         while True:
-            names = self._choose(model, entropies, count)
-            trial = copy.deepcopy(model)
-            linearize(trial, names)
-            recalibrate_batchnorm(trial, self.train_loader, max_batches=o.measure_batches, device=o.device)
-            accuracy = evaluate(trial, self.val_loader, device=o.device)
-            probes.append({"sites_per_step": count, "removed": names, "accuracy": accuracy})
-            if dense_accuracy - accuracy <= o.budget:
-                return probes, (names, trial)
+            if not probes or names != probes[-1]["removed"]:  # fewer sites left than asked: the same set, over already
+                trial = copy.deepcopy(model)
+                linearize(trial, names)
+                recalibrate_batchnorm(trial, self.train_loader, max_batches=o.measure_batches, device=o.device)
+                accuracy = evaluate(trial, self.val_loader, device=o.device)
+                probes.append({"sites_per_step": count, "removed": names, "accuracy": accuracy})
+                if dense_accuracy - accuracy <= o.budget:
+                    return probes, (names, trial)
             if count == 1:
                 return probes, None
             count //= 2
+            names = self._choose(model, entropies, count)
 
     def _prepare(self, model: nn.Module) -> None:
         o = self.options
@@ -141,7 +147,7 @@ class EASIER(Schedule):
             return [], 0.0, o.entropy_tau
         found = sites(model)
         left = sorted((h, n) for n, h in entropies.items() if n not in o.protect and not found[n].linearized)
-        names = [n for _, n in left] if o.regularize == "all" else [n for _, n in left[: step["sites_per_step"]]]
+        names = [n for _, n in left] if o.regularize == "all" else [n for _, n in left[: _kept(step)]]
         return names, o.entropy_weight, o.entropy_tau
 
     def _undo(self, log: dict, dense_accuracy: float) -> bool:
@@ -192,8 +198,9 @@ def sites_per_step(option: Any, trajectory: Sequence[dict]) -> int:
 
 
 def _kept(log: dict) -> int:
-    """The number of lowest-entropy sites an iteration linearized: its ``sites_per_step``, or
-    after probes the count of the one within the budget (1 when none was: see ``probe``)."""
+    """The number of lowest-entropy sites an iteration asked for (sites at zero entropy aside):
+    its ``sites_per_step``, or after probes that of the one within the budget (1 when none was:
+    see ``probe``)."""
     if "probes" not in log:
         return log.get("sites_per_step", 1)
     return log["probes"][-1]["sites_per_step"] if log.get("finetuned") is False else 1

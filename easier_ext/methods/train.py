@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
+from easier_ext.core.checks import is_int
 from easier_ext.core.modules import EntropyActivation
 from easier_ext.core.runtime import autocast, batch_count, model_device, progress as progress_bar, unwrap_ddp, world_size
 # The recipe lived here before methods.recipe; its names stay importable from this module, and
@@ -317,8 +318,8 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, *, max_batches: Op
     batch normalization for practical domain adaptation").
 
     Under ``torch.distributed`` every rank passes its own batches and the statistics are then
-    averaged over the ranks (each rank must pass the same number of batches for the mean to be
-    the pooled one), so that the ranks' models stay identical.
+    averaged over the ranks, so that the ranks' models stay identical (with the same number of
+    batches on every rank the mean is the pooled one; the variance is the mean of the ranks').
 
     Args:
         model: the module (or a DDP wrapper of it), changed in place; its training flag is restored.
@@ -328,20 +329,40 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, *, max_batches: Op
 
     Returns:
         the number of BatchNorm layers re-estimated (0: the model has none, nothing ran).
+
+    Raises:
+        ValueError: ``max_batches`` is not an int >= 1 (or None), or the loader gave no batch (on
+            some rank); the statistics are then left as they were.
     """
+    if max_batches is not None and not (is_int(max_batches) and max_batches >= 1):
+        raise ValueError(f"max_batches must be an int >= 1 (or None for every batch), got {max_batches!r}")
     net = unwrap_ddp(model)
     layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not layers:
         return 0
     device = torch.device(device) if device is not None else model_device(net)
-    update_bn(loader if max_batches is None else itertools.islice(loader, max_batches), net, device)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]
+    seen = 0
+
+    def counted(batches):
+        nonlocal seen
+        for batch in batches:
+            seen += 1
+            yield batch
+
+    update_bn(counted(loader if max_batches is None else itertools.islice(loader, max_batches)), net, device)
+    if _min_over_ranks(seen, device) == 0:
+        for m, state in zip(layers, before):
+            m.load_state_dict(state)
+        raise ValueError("recalibrate_batchnorm: the loader gave no batch (on at least one rank); the statistics are unchanged")
     if world_size() > 1:
-        for m in layers:
-            stats = torch.stack([m.running_mean, m.running_var]).to(_collective_device(device))
-            dist.all_reduce(stats)
-            stats /= world_size()
-            m.running_mean.copy_(stats[0])
-            m.running_var.copy_(stats[1])
+        stats = torch.cat([t for m in layers for t in (m.running_mean, m.running_var)]).to(_collective_device(device))
+        dist.all_reduce(stats)
+        stats /= world_size()
+        parts = stats.split([m.running_mean.numel() for m in layers for _ in range(2)])
+        for m, mean, var in zip(layers, parts[0::2], parts[1::2]):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
     return len(layers)
 
 
@@ -376,10 +397,18 @@ def _sum_over_ranks(values: list[Tensor], device: torch.device) -> list[float]:
 
 
 def _max_over_ranks(value: float, device: torch.device) -> float:
+    return _reduce_over_ranks(value, device, "MAX")
+
+
+def _min_over_ranks(value: float, device: torch.device) -> float:
+    return _reduce_over_ranks(value, device, "MIN")
+
+
+def _reduce_over_ranks(value: float, device: torch.device, op: str) -> float:
     if world_size() == 1:
         return value
     t = torch.tensor(value, dtype=torch.float64, device=_collective_device(device))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return float(t)
 
 
