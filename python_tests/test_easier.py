@@ -640,6 +640,24 @@ def test_recalibrate_batchnorm_on_two_ranks_averages_their_statistics(tmp_path):
             torch.testing.assert_close(got, want)
 
 
+def _probed_on_this_rank() -> list:
+    from easier_ext.app.data import make_loader
+
+    train = make_loader(tiny_data(48, 0), 8, train=True, seed=0)  # each rank its own half
+    val = make_loader(tiny_data(24, 1), 12, train=False)
+    result = EASIER(trained_cnn(), train, val, example_input=torch.randn(2, 3, 6, 6), budget=100.0, max_iterations=2,
+                    probe=True, recipe=Recipe(epochs=1, lr=0.05, amp=False), latency=False, progress=False).run()
+    stats = [b for name, b in result.linearized.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    return [(log["removed"], log.get("finetuned"), log["val_accuracy"]) for log in result.trajectory], stats
+
+
+def test_probes_on_two_ranks_take_the_same_decisions_and_statistics(tmp_path):
+    (logs0, stats0), (logs1, stats1) = on_two_gloo_ranks(_probed_on_this_rank, tmp_path)
+    assert logs0 == logs1 and [finetuned for _, finetuned, _ in logs0[1:]] == [False, False]
+    for a, b in zip(stats0, stats1):  # re-estimated on different shards, averaged: the same model
+        torch.testing.assert_close(a, b)
+
+
 def _never_finetune(model, loader):
     raise AssertionError("a probed iteration within the budget must not finetune")
 
