@@ -249,13 +249,18 @@ def bn_free_cnn() -> nn.Module:
     )
 
 
-def _easier_sites_chosen(per_rank_batch: int) -> list:
+def _distributed_easier(model: nn.Module, per_rank_batch: int, **options):
+    """EASIER on the tiny data with a loader that gives each rank its own shard (all of it alone)."""
     from easier_ext.app.data import make_loader
 
     train = make_loader(tiny_data(48, 0), per_rank_batch, train=True, seed=0)
     val = make_loader(tiny_data(24, 1), 12, train=False)
-    result = EASIER(bn_free_cnn(), train, val, example_input=torch.randn(2, 3, 6, 6), budget=100.0, max_iterations=3,
-                    recipe=Recipe(epochs=1, lr=0.05, amp=False), latency=False, progress=False).run()
+    return EASIER(model, train, val, example_input=torch.randn(2, 3, 6, 6), budget=100.0,
+                  recipe=Recipe(epochs=1, lr=0.05, amp=False), latency=False, progress=False, **options).run()
+
+
+def _easier_sites_chosen(per_rank_batch: int) -> list:
+    result = _distributed_easier(bn_free_cnn(), per_rank_batch, max_iterations=3)
     return [(log["removed"], round(log["val_accuracy"], 6)) for log in result.trajectory]
 
 
@@ -641,12 +646,7 @@ def test_recalibrate_batchnorm_on_two_ranks_averages_their_statistics(tmp_path):
 
 
 def _probed_on_this_rank() -> list:
-    from easier_ext.app.data import make_loader
-
-    train = make_loader(tiny_data(48, 0), 8, train=True, seed=0)  # each rank its own half
-    val = make_loader(tiny_data(24, 1), 12, train=False)
-    result = EASIER(trained_cnn(), train, val, example_input=torch.randn(2, 3, 6, 6), budget=100.0, max_iterations=2,
-                    probe=True, recipe=Recipe(epochs=1, lr=0.05, amp=False), latency=False, progress=False).run()
+    result = _distributed_easier(trained_cnn(), 8, max_iterations=2, probe=True)  # each rank its own half
     stats = [b for name, b in result.linearized.named_buffers() if name.endswith(("running_mean", "running_var"))]
     return [(log["removed"], log.get("finetuned"), log["val_accuracy"]) for log in result.trajectory], stats
 

@@ -405,6 +405,8 @@ def _min_over_ranks(value: float, device: torch.device) -> float:
 
 
 def _reduce_over_ranks(value: float, device: torch.device, op: str) -> float:
+    # the op by name, looked up only when distributed: a torch built without torch.distributed
+    # has no dist.ReduceOp, and single-process callers must not need it
     if world_size() == 1:
         return value
     t = torch.tensor(value, dtype=torch.float64, device=_collective_device(device))
