@@ -122,8 +122,8 @@ def test_finetune_learns_a_separable_problem():
     history = finetune(model, loader, recipe, progress=False)
 
     assert [r["epoch"] for r in history] == list(range(5))
-    assert set(history[0]) == {"epoch", "lr", "loss", "accuracy", "samples", "seconds"}
-    assert all(r["samples"] == 256 and r["seconds"] >= 0 for r in history)
+    assert set(history[0]) == {"epoch", "lr", "loss", "accuracy", "samples", "batches", "seconds"}
+    assert all(r["samples"] == 256 and r["batches"] == 8 and r["seconds"] >= 0 for r in history)
     assert history[-1]["loss"] < history[0]["loss"]
     tx, ty = _separable(512, seed=2)
     assert evaluate(model, DataLoader(TensorDataset(tx, ty), batch_size=128)) > 95.0
@@ -348,6 +348,73 @@ def test_non_finite_loss_stops_before_the_step(value, bad_call, epoch, batch):
     assert (err.epoch, err.batch) == (epoch, batch)
     assert str(pickle.loads(pickle.dumps(err))) == str(err)
     assert model.training  # the flag it had before finetune
+
+
+# -- stopping early -------------------------------------------------------------------------------
+def test_stop_when_ends_the_finetune_after_the_batch_it_says_so():
+    batches = _batches(40, 8)  # 5 batches an epoch
+    torch.manual_seed(0)
+    model = _mlp()
+    reference = copy.deepcopy(model)
+    answers, modes = iter([False, False, True]), []
+
+    def stop_when():
+        modes.append(model.training)
+        return next(answers)
+
+    history = finetune(model, batches, Recipe(epochs=3, lr=0.1, schedule="constant"), progress=False, stop_when=stop_when,
+                       check_every=3)
+
+    # asked after batches 3, 6 and 9, counted over the epochs: 9 steps, the last the second epoch's fourth
+    assert modes == [True, True, True]
+    assert [r["batches"] for r in history] == [5, 4] and [r["samples"] for r in history] == [40, 32]
+    assert "stopped" not in history[0] and history[1]["stopped"] is True and history[1]["fraction"] == pytest.approx(0.8)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for x, y in (batches * 2)[:9]:
+        opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_stop_when_is_not_asked_after_the_last_batch():
+    calls = []
+    recipe = Recipe(epochs=2, lr=0.1, max_batches=3)
+    history = finetune(_mlp(), _batches(40, 8), recipe, progress=False, stop_when=lambda: calls.append(1), check_every=1)
+    assert len(calls) == 5 and [r["batches"] for r in history] == [3, 3]  # 6 batches, the last one not asked about
+    assert not any("stopped" in r for r in history)
+    ended = finetune(_mlp(), _batches(40, 8), recipe, progress=False, stop_when=lambda: True, check_every=2)
+    assert [(r["batches"], r.get("fraction")) for r in ended] == [(2, pytest.approx(2 / 3))]
+
+
+def test_a_stopped_epoch_of_a_loader_without_length_has_no_fraction():
+    history = finetune(_mlp(), iter(_batches(40, 8)), Recipe(epochs=1), progress=False, stop_when=lambda: True, check_every=2)
+    assert history[0]["stopped"] is True and history[0]["batches"] == 2 and history[0]["fraction"] is None
+
+
+@pytest.mark.parametrize("stop_when,check_every", [(lambda: True, None), (None, 2), (lambda: True, 0), (lambda: True, 1.5),
+                                                   (lambda: True, True)])
+def test_stop_when_and_check_every_go_together(stop_when, check_every):
+    model = _mlp()
+    before = _params(model)
+    with pytest.raises(ValueError, match="stop_when and check_every go together, check_every an int >= 1"):
+        finetune(model, _batches(16, 8), Recipe(epochs=1), progress=False, stop_when=stop_when, check_every=check_every)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _stopped_by_one_rank_or_by_both() -> list:
+    rank = dist.get_rank()
+    batches = _batches(32, 4)[rank::2]  # 4 batches each
+    one = finetune(_mlp(), batches, Recipe(epochs=1), progress=False, stop_when=lambda: rank == 0, check_every=1)
+    both = finetune(_mlp(), batches, Recipe(epochs=1), progress=False, stop_when=lambda: True, check_every=2)
+    return [[r["batches"] for r in one], [r["batches"] for r in both]]
+
+
+def test_on_two_ranks_the_finetune_stops_only_when_every_rank_says_so(tmp_path):
+    from testing import on_two_gloo_ranks
+
+    assert on_two_gloo_ranks(_stopped_by_one_rank_or_by_both, tmp_path) == [[[4], [2]], [[4], [2]]]
 
 
 # -- Recipe ---------------------------------------------------------------------------------------

@@ -79,6 +79,8 @@ def finetune(
     on_epoch_end: Optional[Callable[[dict[str, Any]], None]] = None,
     desc: str = "finetune",
     regularizer: Optional[Callable[[], Tensor]] = None,
+    stop_when: Optional[Callable[[], bool]] = None,
+    check_every: Optional[int] = None,
 ) -> list[dict[str, Any]]:
     """Trains the model with cross-entropy, from a fresh optimizer and learning-rate schedule.
 
@@ -110,22 +112,35 @@ def finetune(
         regularizer: called after each batch's forward; what it returns (a scalar tensor) is added
             to the loss (e.g. the entropy proxies of regularized sites, see
             :meth:`easier_ext.EntropyActivation.regularize`). The records' ``loss`` includes it.
+        stop_when: called after every ``check_every``-th batch (counted over all epochs, not after
+            the last batch, which ends the finetune anyway), on every rank (so it may call
+            collective functions such as :func:`evaluate`); the finetune ends there when it returns
+            True on every rank (e.g. the accuracy is back within a budget: a finetune that only has
+            to recover need not run its whole recipe). The learning-rate schedule is the recipe's
+            as far as it got.
+        check_every: how many batches between two calls of ``stop_when``; required with it.
 
     Returns:
-        one record per epoch: ``epoch`` (0-based), ``lr`` (the epoch's learning rate), ``loss``
+        one record per epoch run: ``epoch`` (0-based), ``lr`` (the epoch's learning rate), ``loss``
         (mean per-sample training loss), ``accuracy`` (training top-1 in percent, measured while the
-        model trained), ``samples`` (targets seen, all ranks) and ``seconds`` (wall time, the
-        slowest rank's).
+        model trained), ``samples`` (targets seen, all ranks), ``batches`` (this rank's) and
+        ``seconds`` (wall time, the slowest rank's). The epoch ``stop_when`` ended has
+        ``"stopped": True`` and ``fraction``, the part of a whole epoch it ran (None when the
+        loader has no length and the recipe no ``max_batches``).
 
     Raises:
         TypeError: ``recipe`` is not a :class:`Recipe`, or a batch is not an ``(input, target)``
             pair of tensors.
-        ValueError: the model has nothing to train, or an epoch gave no batches on any rank.
+        ValueError: the model has nothing to train, an epoch gave no batches on any rank, or
+            ``stop_when`` came without a ``check_every`` >= 1 (or ``check_every`` without it).
         NonFiniteLossError: the loss became NaN or infinite (on any rank); the parameters are those
             after the last finite step, but BatchNorm running statistics have seen the failing
             batch's forward.
     """
     require_recipe(recipe)
+    if (stop_when is None) != (check_every is None) or not (check_every is None or (is_int(check_every) and check_every >= 1)):
+        raise ValueError(f"stop_when and check_every go together, check_every an int >= 1; got stop_when={stop_when!r}, "
+                         f"check_every={check_every!r}")
     net = unwrap_ddp(model)
     device = torch.device(device) if device is not None else model_device(net)
     use_amp = recipe.amp and device.type == "cuda"
@@ -138,6 +153,17 @@ def finetune(
     steps = batch_count(train_loader, recipe.max_batches)
 
     history: list[dict[str, Any]] = []
+    total = None if steps is None else steps * recipe.epochs
+    done = 0
+
+    def stop() -> bool:
+        # every rank reaches the same batch (same number of batches), so the collectives line up
+        nonlocal done
+        done += 1
+        if stop_when is None or done % check_every or done == total:
+            return False
+        return _min_over_ranks(float(bool(stop_when())), device) > 0
+
     was_training = net.training
     bar = progress_bar(total=None if steps is None else steps * recipe.epochs, desc=desc, enabled=progress)
     with _distributed(model, net, device) as train_model, bar:
@@ -147,9 +173,9 @@ def finetune(
                 _set_epoch(train_loader, epoch)
                 lr = optimizer.param_groups[0]["lr"]
                 start = time.perf_counter()
-                loss_sum, correct, samples = _train_epoch(
+                loss_sum, correct, samples, batches, stopped = _train_epoch(
                     train_model, train_loader, optimizer, scaler, criterion, device, use_amp, epoch, recipe.max_batches, bar,
-                    regularizer,
+                    regularizer, stop,
                 )
                 loss_sum, correct, samples = _sum_over_ranks([loss_sum, correct, samples], device)
                 if samples == 0:
@@ -162,12 +188,17 @@ def finetune(
                     "loss": loss_sum / samples,
                     "accuracy": 100.0 * correct / samples,
                     "samples": int(samples),
+                    "batches": batches,
                     "seconds": seconds,
                 }
+                if stopped:
+                    record.update(stopped=True, fraction=None if steps is None else batches / steps)
                 history.append(record)
                 bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
                 if on_epoch_end is not None:
                     on_epoch_end(record)
+                if stopped:
+                    break
         finally:
             net.train(was_training)
             # gradients of the last step would only hold memory through the measuring pass that follows
@@ -187,11 +218,13 @@ def _train_epoch(
     max_batches: Optional[int],
     bar: tqdm,
     regularizer: Optional[Callable[[], Tensor]],
-) -> list[Tensor]:
-    """One pass; returns this rank's summed loss, correct count and sample count, on the device."""
+    stop: Callable[[], bool],
+) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+    """One pass, until ``stop()`` says so after a batch; returns this rank's summed loss, correct
+    count and sample count (on the device), its batch count, and whether ``stop()`` ended it."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
-    samples = 0  # known on the host without a sync
+    samples = batches = 0  # known on the host without a sync
     for index, batch in enumerate(itertools.islice(loader, max_batches)):
         inputs, targets = _split_batch(batch, device)
         with autocast(device, use_amp):
@@ -209,7 +242,10 @@ def _train_epoch(
         correct += _correct(logits.detach(), targets)
         samples += n
         bar.update()
-    return [loss_sum, correct, torch.tensor(float(samples), dtype=torch.float64, device=device)]
+        batches = index + 1
+        if stop():
+            return loss_sum, correct, _samples(samples, device), batches, True
+    return loss_sum, correct, _samples(samples, device), batches, False
 
 
 def _check_finite(loss: Tensor, epoch: int, batch: int) -> None:
@@ -367,6 +403,10 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, *, max_batches: Op
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _samples(count: int, device: torch.device) -> Tensor:
+    return torch.tensor(float(count), dtype=torch.float64, device=device)
+
+
 def _correct(logits: Tensor, targets: Tensor) -> Tensor:
     return (logits.argmax(dim=1) == targets).sum().double()
 
