@@ -151,6 +151,7 @@ def cli_errors(tmp_path, model_file):
         (["--sites-per-step", "many"], "--sites-per-step must be an int >= 1 or 'auto', got 'many'", 2),
         (["--method", "nepenthe", "--sites-per-step", "2"], "--sites-per-step applies to --method easier only", 2),
         (["--method", "nepenthe", "--probe"], "--probe applies to --method easier only", 2),
+        (["--early-stop", "-1"], r"--early-stop must be an int >= 0 \(batches between checks; 0: off\), got -1", 2),
         (["--image-size", "0"], "--image-size must be >= 1", 2),
         (["--measure-batches", "0"], r"--measure-batches must be an int >= 1 \(omit it to measure every batch\)", 2),
         (["--measure-batches", "-2"], "--measure-batches must be an int >= 1", 2),
@@ -168,7 +169,7 @@ def cli_errors(tmp_path, model_file):
     ]
 
 
-@pytest.mark.parametrize("case", range(19))
+@pytest.mark.parametrize("case", range(20))
 def test_every_run_error_is_one_line_before_any_work(case, model_file, tmp_path, capsys):
     cases = cli_errors(tmp_path, model_file)
     if case >= len(cases):

@@ -797,3 +797,67 @@ def test_probe_is_a_bool_checked_before_anything_is_written(tmp_path):
         assert not (tmp_path / "run").exists()
     with pytest.raises(TypeError):
         schedule(method=NEPENTHE, probe=True)
+
+
+def test_after_failed_probes_the_finetune_starts_from_the_re_estimated_statistics(monkeypatch):
+    import easier_ext.methods.easier as easier_module
+
+    monkeypatch.setattr(easier_module, "evaluate", lambda *args, **kwargs: 0.0)  # every probe over the budget
+    seen = []
+
+    def record(model, loader):
+        seen.append((model[1].running_mean.clone(), model[1].running_var.clone()))
+
+    dense = trained_cnn()
+    schedule(dense, probe=True, budget=15.0, max_iterations=1, train_fn=record).run()
+    with torch.no_grad():  # the first BatchNorm's input does not depend on any site
+        mean, var = reference_batch_norm_statistics([dense[0](x) for x, _ in loaders()[0]])
+    torch.testing.assert_close(seen[0][0], mean)
+    torch.testing.assert_close(seen[0][1], var)
+    assert not torch.allclose(dense[1].running_mean, mean)
+
+
+# -- early stop --------------------------------------------------------------------------------------
+def _accuracies(*values):
+    """An evaluate that returns ``values`` in turn (the dense model's first)."""
+    left = list(values)
+    return lambda *args, **kwargs: left.pop(0)
+
+
+def test_early_stop_ends_a_finetune_at_the_first_check_within_the_budget(monkeypatch, tmp_path):
+    # 3 batches an epoch, 2 epochs, a check every 2 batches: after batch 2 (98.9, over a budget of
+    # 1 below 100), after batch 4 (99.0, within): the finetune ends one batch into its second epoch
+    monkeypatch.setattr(schedule_module, "evaluate", _accuracies(100.0, 98.9, 99.0, 99.0))
+    result = schedule(trained_cnn(), early_stop=2, budget=1.0, max_iterations=1, run_dir=tmp_path,
+                      recipe=Recipe(epochs=2, lr=0.05, amp=False)).run()
+    records = result.trajectory[1]["finetune"]
+    assert [(r["epoch"], r["batches"], r.get("stopped"), r.get("fraction")) for r in records] == [
+        (0, 3, None, None), (1, 1, True, pytest.approx(1 / 3))]
+    assert result.trajectory[1]["val_accuracy"] == 99.0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["finetune_epochs"] == pytest.approx(4 / 3)
+    assert json.loads((tmp_path / "config.json").read_text())["early_stop"] == 2
+    from easier_ext.app.report import write_report
+
+    row = next(line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("| 1 "))
+    assert "finetune ended within the budget after 1 batch of epoch 2" in row
+
+
+@pytest.mark.parametrize("method", [EASIER, NEPENTHE])
+def test_early_stop_with_the_real_accuracy(method):
+    result = schedule(trained_cnn(), method=method, early_stop=1, budget=100.0, max_iterations=2).run()
+    assert len(result.trajectory) == 3
+    for log in result.trajectory[1:]:  # within a budget of 100 points at the first check: one batch of three
+        assert [(r["batches"], r["stopped"]) for r in log["finetune"]] == [(1, True)]
+
+
+def test_early_stop_is_checked_before_anything_is_written(tmp_path):
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"early_stop must be an int >= 0 \(batches between checks; 0: off\)"):
+            schedule(early_stop=bad, run_dir=tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="early_stop must be 0 with a train_fn"):
+        schedule(early_stop=2, train_fn=lambda m, d: None, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    schedule(run_dir=tmp_path / "default", max_iterations=1).run()
+    assert "early_stop" not in json.loads((tmp_path / "default" / "config.json").read_text())  # older runs still resume

@@ -49,7 +49,7 @@ class EasierOptions(ScheduleOptions):
         False, help="before a finetune, try the iteration's sites, then half as many, down to one, on a copy with its BatchNorm "
                     "statistics re-estimated on the measured batches: the first within the budget is kept with no finetune "
                     "(forward passes over the measured training batches and the validation set instead of an epoch); when "
-                    "none is, it finetunes the lowest site alone",
+                    "none is, it finetunes the lowest site alone, from its re-estimated statistics",
         cli=True, recorded_if_set=True)
     regularize: str = option("next", help="which sites the regularizer pushes: the next ones to be linearized (as many "
                                           "as the iteration removed) or all remaining ones",
@@ -78,8 +78,8 @@ class EASIER(Schedule):
     evaluated; then half as many, down to one. The first within the budget is kept as it is
     (``"finetuned": False``; ``"auto"`` then doubles the number it kept); every try is logged
     (``"probes"``). When none is, not even the lowest site alone, the iteration linearizes that
-    one site (with any at zero entropy, as always) and finetunes, as plain EASIER does (never
-    undone: ``patience`` decides). Every probe is a look at the validation set, which also picks
+    one site (with any at zero entropy, as always) and finetunes it, starting from the trial's
+    re-estimated BatchNorm statistics, as plain EASIER does (never undone: ``patience`` decides). Every probe is a look at the validation set, which also picks
     the returned model: the more probes, the more its accuracy there is a selected one (hold out
     a test set to report).
 
@@ -95,27 +95,28 @@ class EASIER(Schedule):
         chosen = self._choose(model, entropies, count)
         if not chosen:
             return None
-        if self.options.probe:
-            probes, kept = self._probe(model, entropies, count, chosen, trajectory[0]["val_accuracy"])
-            if kept is not None:
-                names, trial = kept
-                linearize(model, names)  # the same change as the trial's, whose statistics are then taken
-                model.load_state_dict(trial.state_dict())
-                return {"removed": names, "sites_per_step": count, "probes": probes, "finetuned": False,
-                        "accuracy": probes[-1]["accuracy"]}
-            # even the lowest site alone (with any at zero entropy) was over the budget: more would not end within it either
-            chosen = probes[-1]["removed"]
-        linearize(model, chosen)
-        return {"removed": chosen, "sites_per_step": count, **({"probes": probes} if self.options.probe else {})}
+        if not self.options.probe:
+            linearize(model, chosen)
+            return {"removed": chosen, "sites_per_step": count}
+        probes, trial = self._probe(model, entropies, count, chosen, trajectory[0]["val_accuracy"])
+        names = probes[-1]["removed"]
+        linearize(model, names)  # the same change as the last trial's, whose BatchNorm statistics are then taken
+        model.load_state_dict(trial.state_dict())
+        if trajectory[0]["val_accuracy"] - probes[-1]["accuracy"] <= self.options.budget:
+            return {"removed": names, "sites_per_step": count, "probes": probes, "finetuned": False,
+                    "accuracy": probes[-1]["accuracy"]}
+        # even the lowest site alone (with any at zero entropy) was over the budget: more would not end within it either;
+        # its finetune starts from the re-estimated statistics, closer to the budget than the old ones
+        return {"removed": names, "sites_per_step": count, "probes": probes}
 
     def _probe(self, model: nn.Module, entropies: dict[str, float], count: int, chosen: list[str],
-               dense_accuracy: float) -> tuple[list[dict], Optional[tuple[list[str], nn.Module]]]:
+               dense_accuracy: float) -> tuple[list[dict], nn.Module]:
         """Tries ``chosen`` (the ``count`` lowest sites), then half as many, down to one, each on
         a copy of ``model`` with re-estimated BatchNorm statistics, until one is within the budget.
 
         Returns:
-            each try's ``{"sites_per_step", "removed", "accuracy"}``, and the first within the
-            budget (its sites and its model), or ``None`` when none was.
+            each try's ``{"sites_per_step", "removed", "accuracy"}``, and the last try's model:
+            the first within the budget, or else the lowest site's alone.
         """
         o = self.options
         probes, names = [], chosen
@@ -127,9 +128,9 @@ class EASIER(Schedule):
                 accuracy = evaluate(trial, self.val_loader, device=o.device)
                 probes.append({"sites_per_step": count, "removed": names, "accuracy": accuracy})
                 if dense_accuracy - accuracy <= o.budget:
-                    return probes, (names, trial)
+                    return probes, trial
             if count == 1:
-                return probes, None
+                return probes, trial
             count //= 2
             names = self._choose(model, entropies, count)
 

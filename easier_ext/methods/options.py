@@ -214,6 +214,12 @@ class ScheduleOptions:
                                            convert=_int_or_none, flag_expected="an int >= 1 (omit it for no cap)")
     patience: int = option(0, help="iterations to go on past the budget before stopping (a later finetune may recover)", cli=True,
                            check=lambda v: _is_count(v) and v >= 0, expected="an int >= 0", convert=int)
+    early_stop: int = option(
+        0, help="check the validation accuracy every N finetune batches and end the finetune as soon as it is within the "
+                "budget (0: off, every finetune runs the recipe's epochs); each check is a pass over the validation set, "
+                "which then also decides how long models train", cli=True, metavar="N",
+        check=lambda v: _is_count(v) and v >= 0, expected="an int >= 0 (batches between checks; 0: off)", convert=int,
+        recorded_if_set=True)
     seed: int = option(0, help="seeds torch, Python and NumPy at the start", check=_is_count, expected="an int", convert=int)
     run_dir: Union[str, os.PathLike, None] = option(
         None, help="where logs, checkpoints and the final model go (see easier_ext.methods.rundir.RunDir)", unset="nowhere, no resume",
@@ -230,6 +236,8 @@ class ScheduleOptions:
     def __post_init__(self) -> None:
         for f in fields(self):
             setattr(self, f.name, self.checked(f.name, getattr(self, f.name)))
+        if self.early_stop and self.train_fn is not None:
+            raise OptionError("early_stop", self.early_stop, "0 with a train_fn (the built-in finetune is the one it stops)")
 
     @classmethod
     def checked(cls, name: str, value: Any) -> Any:

@@ -73,10 +73,12 @@ def summary(result: ScheduleResult) -> dict:
     return out
 
 
-def _finetune_epochs(trajectory: list[dict]) -> Optional[int]:
-    """The epochs every iteration's finetune ran (a probed iteration kept with none ran 0); None
-    when a train_fn finetuned, whose epochs are not known."""
+def _finetune_epochs(trajectory: list[dict]) -> Optional[float]:
+    """The epochs every iteration's finetune ran (a probed iteration kept with none ran 0; one
+    ended early by ``early_stop`` counts the part of its last epoch it ran); None when that is
+    not known (a train_fn finetuned, or a loader without a length was stopped early)."""
     finetuned = [log for log in trajectory[1:] if log.get("finetuned", True)]
     if not all(log["finetune"] for log in finetuned):
         return None
-    return sum(len(log["finetune"]) for log in finetuned)
+    parts = [record.get("fraction", 1) for log in finetuned for record in log["finetune"]]
+    return None if None in parts else sum(parts)

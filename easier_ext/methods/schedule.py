@@ -32,8 +32,9 @@ class Schedule:
     """The loop of an entropy-guided depth-reduction method; subclasses say what one step does.
 
     Each iteration: measure every remaining site's entropy on the training data; :meth:`_step`
-    changes a copy of the model (linearizes, prunes); finetune it with a fresh optimizer; evaluate;
-    log and checkpoint. It stops when the accuracy has been more than ``budget`` points below the
+    changes a copy of the model (linearizes, prunes); finetune it with a fresh optimizer (with
+    ``early_stop``, only until its validation accuracy is within the budget); evaluate; log and
+    checkpoint. It stops when the accuracy has been more than ``budget`` points below the
     dense model for ``patience + 1`` iterations in a row, when no site is left, when a step has
     nothing left to do, or after ``max_iterations``; the best model within the budget
     (:meth:`_rank`) is folded and returned.
@@ -194,7 +195,7 @@ class Schedule:
                 if regularized[0]:
                     step = {**step, "regularized": regularized[0]}
                 try:
-                    history = self._finetune(candidate, regularized)
+                    history = self._finetune(candidate, regularized, dense)
                 except NonFiniteLossError as e:
                     stopped = f"iteration {k}: {e}; kept the last good checkpoint"
                     break
@@ -260,7 +261,14 @@ class Schedule:
         )
         return {name: r.entropy for name, r in result.items()}
 
-    def _finetune(self, model: nn.Module, regularized: tuple[Sequence[str], float, float] = ((), 0.0, 1.0)) -> list[dict]:
+    def _finetune(self, model: nn.Module, regularized: tuple[Sequence[str], float, float] = ((), 0.0, 1.0),
+                  dense_accuracy: Optional[float] = None) -> list[dict]:
+        """Finetunes ``model`` in place: ``train_fn``, or the recipe with the regularizer's sites
+        pushed and, with ``early_stop`` (and ``dense_accuracy``), ended once within the budget.
+
+        Returns:
+            the finetune's records (none with a ``train_fn``).
+        """
         o = self.options
         if o.train_fn is not None:
             o.train_fn(model, self.train_loader)
@@ -272,10 +280,16 @@ class Schedule:
             s.regularize(tau)
         try:
             penalty = functools.partial(_entropy_penalty, targets, weight) if targets else None
-            return finetune(model, self.train_loader, o.recipe, device=o.device, progress=o.progress, regularizer=penalty)
+            stop = {}
+            if o.early_stop and dense_accuracy is not None:
+                stop = dict(stop_when=functools.partial(self._within_budget, model, dense_accuracy), check_every=o.early_stop)
+            return finetune(model, self.train_loader, o.recipe, device=o.device, progress=o.progress, regularizer=penalty, **stop)
         finally:
             for s in targets:  # no proxy, with its graph, may stay on the model (copies and checkpoints)
                 s.regularize(None)
+
+    def _within_budget(self, model: nn.Module, dense_accuracy: float) -> bool:
+        return dense_accuracy - evaluate(model, self.val_loader, device=self.options.device) <= self.options.budget
 
     def _fold(self, model: nn.Module) -> _Folded:
         with warnings.catch_warnings(record=True) as caught:
