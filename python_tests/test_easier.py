@@ -801,20 +801,27 @@ def test_probe_is_a_bool_checked_before_anything_is_written(tmp_path):
 
 def test_after_failed_probes_the_finetune_starts_from_the_re_estimated_statistics(monkeypatch):
     import easier_ext.methods.easier as easier_module
+    from easier_ext.methods.train import recalibrate_batchnorm
 
     monkeypatch.setattr(easier_module, "evaluate", lambda *args, **kwargs: 0.0)  # every probe over the budget
     seen = []
 
     def record(model, loader):
-        seen.append((model[1].running_mean.clone(), model[1].running_var.clone()))
+        seen.append({k: v.clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))})
 
     dense = trained_cnn()
-    schedule(dense, probe=True, budget=15.0, max_iterations=1, train_fn=record).run()
-    with torch.no_grad():  # the first BatchNorm's input does not depend on any site
-        mean, var = reference_batch_norm_statistics([dense[0](x) for x, _ in loaders()[0]])
-    torch.testing.assert_close(seen[0][0], mean)
-    torch.testing.assert_close(seen[0][1], var)
-    assert not torch.allclose(dense[1].running_mean, mean)
+    result = schedule(dense, probe=True, budget=15.0, sites_per_step=2, max_iterations=1, train_fn=record).run()
+    probes = result.trajectory[1]["probes"]
+    assert [len(p["removed"]) for p in probes] == [2, 1]
+    # every BatchNorm as re-estimated with the lowest site alone linearized, not the dense model's
+    alone = ee.convert(dense)
+    ee.linearize(alone, probes[-1]["removed"])
+    recalibrate_batchnorm(alone, loaders()[0])
+    want = {k: v for k, v in alone.state_dict().items() if k in seen[0]}
+    assert want.keys() == seen[0].keys() and len(want) == 6
+    for key, value in want.items():
+        torch.testing.assert_close(seen[0][key], value)
+    assert not any(torch.allclose(v, dense.state_dict()[k]) for k, v in want.items())
 
 
 # -- early stop --------------------------------------------------------------------------------------
@@ -840,15 +847,31 @@ def test_early_stop_ends_a_finetune_at_the_first_check_within_the_budget(monkeyp
     from easier_ext.app.report import write_report
 
     row = next(line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("| 1 "))
-    assert "finetune ended within the budget after 1 batch of epoch 2" in row
+    assert "finetune ended at a check within the budget after 1 batch of epoch 2" in row
 
 
 @pytest.mark.parametrize("method", [EASIER, NEPENTHE])
-def test_early_stop_with_the_real_accuracy(method):
-    result = schedule(trained_cnn(), method=method, early_stop=1, budget=100.0, max_iterations=2).run()
-    assert len(result.trajectory) == 3
-    for log in result.trajectory[1:]:  # within a budget of 100 points at the first check: one batch of three
-        assert [(r["batches"], r["stopped"]) for r in log["finetune"]] == [(1, True)]
+@pytest.mark.parametrize("budget", [0.0, 100.0])
+def test_early_stop_ends_at_the_first_check_the_real_accuracy_passes(method, budget, monkeypatch):
+    from easier_ext.methods.train import evaluate
+
+    asked, real = [], schedule_module.Schedule._within_budget
+
+    def spy(self, model, dense_accuracy):
+        asked.append(dense_accuracy - evaluate(model, self.val_loader) <= budget)
+        return real(self, model, dense_accuracy)
+
+    monkeypatch.setattr(schedule_module.Schedule, "_within_budget", spy)
+    result = schedule(trained_cnn(), method=method, early_stop=1, budget=budget, max_iterations=2, patience=2,
+                      recipe=Recipe(epochs=2, lr=0.05, amp=False)).run()
+    for log in result.trajectory[1:]:  # 6 batches; a check after each of the first 5 until one is within the budget
+        ran = sum(r["batches"] for r in log["finetune"])
+        checks = [asked.pop(0) for _ in range(min(ran, 5))]
+        stopped = bool(log["finetune"][-1].get("stopped"))
+        assert stopped == (True in checks) and (not stopped or checks.index(True) == len(checks) - 1)
+    assert not asked
+    if budget == 100.0:  # within at the first check: one batch
+        assert [sum(r["batches"] for r in log["finetune"]) for log in result.trajectory[1:]] == [1, 1]
 
 
 def test_early_stop_is_checked_before_anything_is_written(tmp_path):

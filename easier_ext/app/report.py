@@ -153,7 +153,7 @@ def _iterations(run: Run) -> list[str]:
         notes += ["undone: the next iteration starts from the last one kept"] if log.get("undone") else []
         notes += ["no finetune: a probe was within the budget"] if log.get("finetuned") is False else []
         stopped = [r for r in log.get("finetune") or [] if r.get("stopped")]
-        notes += [f"finetune ended within the budget after {r['batches']} batch{'es' * (r['batches'] != 1)}"
+        notes += [f"finetune ended at a check within the budget after {r['batches']} batch{'es' * (r['batches'] != 1)}"
                   + (f" of epoch {r['epoch'] + 1}" if r["epoch"] else "") for r in stopped]
         row = [log["iteration"], removed, f"{len(log.get('linearized') or [])}/{total}",
                f"{float(log['val_accuracy']):.2f}" + (f" ({', '.join(notes)})" if notes else ""),

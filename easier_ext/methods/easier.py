@@ -78,8 +78,8 @@ class EASIER(Schedule):
     evaluated; then half as many, down to one. The first within the budget is kept as it is
     (``"finetuned": False``; ``"auto"`` then doubles the number it kept); every try is logged
     (``"probes"``). When none is, not even the lowest site alone, the iteration linearizes that
-    one site (with any at zero entropy, as always) and finetunes it, starting from the trial's
-    re-estimated BatchNorm statistics, as plain EASIER does (never undone: ``patience`` decides). Every probe is a look at the validation set, which also picks
+    one site (with any at zero entropy, as always) and finetunes it as plain EASIER does (never
+    undone: ``patience`` decides), from that site's trial (its re-estimated BatchNorm statistics). Every probe is a look at the validation set, which also picks
     the returned model: the more probes, the more its accuracy there is a selected one (hold out
     a test set to report).
 
@@ -102,7 +102,7 @@ class EASIER(Schedule):
         names = probes[-1]["removed"]
         linearize(model, names)  # the same change as the last trial's, whose BatchNorm statistics are then taken
         model.load_state_dict(trial.state_dict())
-        if trajectory[0]["val_accuracy"] - probes[-1]["accuracy"] <= self.options.budget:
+        if self._within(trajectory[0]["val_accuracy"], probes[-1]["accuracy"]):
             return {"removed": names, "sites_per_step": count, "probes": probes, "finetuned": False,
                     "accuracy": probes[-1]["accuracy"]}
         # even the lowest site alone (with any at zero entropy) was over the budget: more would not end within it either;
@@ -127,7 +127,7 @@ class EASIER(Schedule):
                 recalibrate_batchnorm(trial, self.train_loader, max_batches=o.measure_batches, device=o.device)
                 accuracy = evaluate(trial, self.val_loader, device=o.device)
                 probes.append({"sites_per_step": count, "removed": names, "accuracy": accuracy})
-                if dense_accuracy - accuracy <= o.budget:
+                if self._within(dense_accuracy, accuracy):
                     return probes, trial
             if count == 1:
                 return probes, trial
@@ -154,7 +154,7 @@ class EASIER(Schedule):
     def _undo(self, log: dict, dense_accuracy: float) -> bool:
         """An iteration of several sites over the budget is undone (one of one site is kept, as
         plain EASIER keeps it: ``patience`` decides)."""
-        return _kept(log) > 1 and dense_accuracy - log["val_accuracy"] > self.options.budget
+        return _kept(log) > 1 and not self._within(dense_accuracy, log["val_accuracy"])
 
     def _choose(self, model: nn.Module, entropies: dict[str, float], count: int = 1) -> list[str]:
         """The ``count`` lowest-entropy sites (fold-aware: the first is a nearly as low one that

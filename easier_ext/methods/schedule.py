@@ -211,7 +211,7 @@ class Schedule:
                 continue
             self._checkpoint(log, candidate)
             model = candidate
-            if dense - accuracy <= self.options.budget and self._rank(log) >= self._rank(best[0]):
+            if self._within(dense, accuracy) and self._rank(log) >= self._rank(best[0]):
                 best = (log, candidate, folded)
         return self._finish(trajectory, best, stopped, dense_folded)
 
@@ -237,7 +237,7 @@ class Schedule:
         budget, patience, cap = self.options.budget, self.options.patience, self.options.max_iterations
         dense = trajectory[0]["val_accuracy"]
         recent = [log for log in trajectory[1:] if not log.get("undone")][-(patience + 1) :]
-        if len(recent) == patience + 1 and all(dense - log["val_accuracy"] > budget for log in recent):
+        if len(recent) == patience + 1 and not any(self._within(dense, log["val_accuracy"]) for log in recent):
             accuracy = recent[-1]["val_accuracy"]
             after = f" for {len(recent)} iterations" if patience else ""
             return f"accuracy {accuracy:.2f} dropped {dense - accuracy:.2f} points below dense {dense:.2f} (budget {budget}){after}"
@@ -288,8 +288,15 @@ class Schedule:
             for s in targets:  # no proxy, with its graph, may stay on the model (copies and checkpoints)
                 s.regularize(None)
 
+    def _within(self, dense_accuracy: float, accuracy: float) -> bool:
+        """Whether ``accuracy`` is within the budget below the dense model's."""
+        return dense_accuracy - accuracy <= self.options.budget
+
     def _within_budget(self, model: nn.Module, dense_accuracy: float) -> bool:
-        return dense_accuracy - evaluate(model, self.val_loader, device=self.options.device) <= self.options.budget
+        # A DataLoader draws its workers' seed from torch's generator each time it is iterated: forked,
+        # so that a run with early_stop shuffles and augments as the run without it, up to the stop
+        with torch.random.fork_rng(devices=[]):
+            return self._within(dense_accuracy, evaluate(model, self.val_loader, device=self.options.device))
 
     def _fold(self, model: nn.Module) -> _Folded:
         with warnings.catch_warnings(record=True) as caught:
@@ -321,7 +328,7 @@ class Schedule:
         """The best iteration within the budget (see :meth:`_rank`), its model, and its fold
         when ``folded``, the last iteration's, is it."""
         dense = trajectory[0]["val_accuracy"]
-        within = [log for log in trajectory if dense - log["val_accuracy"] <= self.options.budget]
+        within = [log for log in trajectory if self._within(dense, log["val_accuracy"])]
         log = max(reversed(within), key=self._rank)  # the latest of equals, as the loop keeps it
         if log is trajectory[-1]:
             return log, last, folded

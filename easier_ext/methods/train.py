@@ -112,8 +112,9 @@ def finetune(
         regularizer: called after each batch's forward; what it returns (a scalar tensor) is added
             to the loss (e.g. the entropy proxies of regularized sites, see
             :meth:`easier_ext.EntropyActivation.regularize`). The records' ``loss`` includes it.
-        stop_when: called after every ``check_every``-th batch (counted over all epochs, not after
-            the last batch, which ends the finetune anyway), on every rank (so it may call
+        stop_when: called after every ``check_every``-th batch (counted over all epochs; not after
+            the last one, which ends the finetune anyway, when the number of batches is known: a
+            loader with a length, or the recipe's ``max_batches``), on every rank (so it may call
             collective functions such as :func:`evaluate`); the finetune ends there when it returns
             True on every rank (e.g. the accuracy is back within a budget: a finetune that only has
             to recover need not run its whole recipe). The learning-rate schedule is the recipe's
