@@ -23,4 +23,10 @@ TORCH_LIBRARY(easier_ext, m) {
   m.def(
       "rectify_count_entropy(Tensor input, str activation, float alpha, Tensor? weight, int channel_dim,"
       " float tau) -> (Tensor, Tensor, Tensor)");
+  // rectify_count_entropy's backward for the sums, in one pass: adds to grad_input, in place, each
+  // element's grad_sums[channel] * dH/dx (H the binary entropy in bits of sigmoid(input / tau)). What
+  // its backward calls when no graph is recorded; no autograd formula (double backward uses torch ops).
+  m.def(
+      "entropy_proxy_grad_(Tensor(a!) grad_input, Tensor input, Tensor grad_sums, float tau, int channel_dim)"
+      " -> ()");
 }

@@ -2,10 +2,13 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace easier_ext {
 namespace {
@@ -132,6 +135,45 @@ RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, d
   }
   TORCH_INTERNAL_ASSERT(dense.strides() == output.strides());
   return {a, alpha, std::move(w), dense, output, channel_layout(dense, dim), tau};
+}
+
+EntropyGradPlan plan_entropy_grad(at::Tensor& grad_input, const at::Tensor& input, const at::Tensor& grad_sums,
+                                  double tau, int64_t channel_dim) {
+  constexpr const char* op = "easier_ext.entropy_proxy_grad_";
+  check_input(input);
+  const int64_t dim = check_channel_dim(input, channel_dim);
+  check_tau(tau);
+  TORCH_CHECK(grad_input.device() == input.device() && grad_sums.device() == input.device(), op,
+              ": expected grad_input and grad_sums on ", input.device(), " (the input's device), got ",
+              grad_input.device(), " and ", grad_sums.device());
+  TORCH_CHECK_VALUE(grad_input.sizes() == input.sizes(), op, ": grad_input of shape ", grad_input.sizes(),
+                    " does not match the input's ", input.sizes());
+  TORCH_CHECK_TYPE(grad_input.scalar_type() == input.scalar_type(), op, ": grad_input has dtype ",
+                   grad_input.scalar_type(), " but the input has ", input.scalar_type(), "; expected the same");
+  const at::ScalarType sums_dtype = entropy_sums_dtype(input.scalar_type());
+  const int64_t channels = input.size(dim);
+  TORCH_CHECK_VALUE(grad_sums.dim() == 1 && grad_sums.size(0) == channels, op, ": grad_sums of shape ",
+                    grad_sums.sizes(), " does not match the input: expected (", channels, ",), one per channel");
+  TORCH_CHECK_TYPE(grad_sums.scalar_type() == sums_dtype, op, ": grad_sums has dtype ", grad_sums.scalar_type(),
+                   "; expected ", sums_dtype, " (rectify_count_entropy's sums for a ", input.scalar_type(), " input)");
+  const double limit = sums_dtype == at::kDouble ? std::numeric_limits<double>::max()
+                                                 : static_cast<double>(std::numeric_limits<float>::max());
+  const double inv_tau = std::min(1.0 / tau, limit);
+  std::vector<int64_t> shape(input.dim(), 1);
+  shape[dim] = channels;
+  const at::Tensor scale = grad_sums.mul(-1.0 / M_LN2).view(shape);
+  // grad_input is read and written in place (TensorIterator allows an output that is exactly one of
+  // its inputs, and refuses partial overlaps); scale broadcasts along every other dim. The iterator
+  // borrows its operands: scale, made here, is handed over (owned) so that it outlives this call.
+  at::TensorIterator iter = at::TensorIteratorConfig()
+                                .check_all_same_dtype(false)
+                                .resize_outputs(false)
+                                .add_output(grad_input)
+                                .add_const_input(grad_input)
+                                .add_const_input(input)
+                                .add_owned_const_input(scale)
+                                .build();
+  return {std::move(iter), inv_tau};
 }
 
 }  // namespace easier_ext

@@ -2,6 +2,7 @@
 // Turns the arguments of easier_ext::rectify_count into what a backend kernel needs, with the
 // checks shared by every backend. Nothing here touches the data, so a bad call fails before any
 // output or count is written.
+#include <ATen/TensorIterator.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
@@ -63,6 +64,20 @@ void check_devices(const at::Tensor& input, const std::optional<at::Tensor>& wei
 RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, double alpha,
                          const std::optional<at::Tensor>& weight, int64_t channel_dim, bool in_place = false,
                          std::optional<double> tau = std::nullopt);
+
+// What the kernels of entropy_proxy_grad_ need: an iterator over (grad_input out, grad_input,
+// input, scale), scale being each channel's grad_sums[c] * (-1 / ln 2) in the sums' dtype, viewed
+// to broadcast along the input's channel dim; and 1 / tau saturated as inverse_tau does (kept out
+// of the scale, where a saturated 1 / tau would make it infinite and 0 * inf NaN).
+struct EntropyGradPlan {
+  at::TensorIterator iter;
+  double inv_tau;
+};
+
+// Checks entropy_proxy_grad_'s arguments (shapes, dtypes, devices, tau, channel_dim) before
+// anything is written.
+EntropyGradPlan plan_entropy_grad(at::Tensor& grad_input, const at::Tensor& input, const at::Tensor& grad_sums,
+                                  double tau, int64_t channel_dim);
 
 // Calls `f(std::integral_constant<Activation, A>{})` with the activation as a compile-time value.
 template <typename F>

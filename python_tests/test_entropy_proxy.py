@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from easier_ext import ops
+from easier_ext.core.gradients import entropy_proxy_gradient
 from testing import (
     ACTIVATIONS,
     BIT_EXACT_ON_CPU,
@@ -208,6 +209,89 @@ def test_gradient_at_infinities_is_zero_and_at_nan_is_nan():
     _, _, sums = ENTROPY_OP(x, "relu", 0.0, None, 1, TAU)
     (g,) = torch.autograd.grad(sums, x, torch.ones_like(sums))
     assert g[0].item() == 0 and g[1].item() == 0 and torch.isnan(g[2]) and g[3].item() < 0
+
+
+# -- the gradient kernel: entropy_proxy_grad_ ------------------------------------------------
+
+GRAD_OP = torch.ops.easier_ext.entropy_proxy_grad_.default
+
+
+def reference_entropy_gradient(x: torch.Tensor, tau: float, channel_dim: int, grad_sums: torch.Tensor) -> torch.Tensor:
+    """grad_sums[c] * dH/dx in float64, by autograd of reference_entropy_sums: 0 at +-inf (H is 0
+    on both sides), NaN at NaN."""
+    finite = x.detach().double().nan_to_num(0.0, 0.0, 0.0).requires_grad_()
+    (g,) = torch.autograd.grad(reference_entropy_sums(finite, tau, channel_dim), finite, grad_sums.double())
+    return g.masked_fill(x.isinf(), 0.0).masked_fill(x.isnan(), float("nan"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_entropy_proxy_grad_matches_the_reference(device, dtype):
+    """In place into grad_input (dense, or a view with gaps), every layout, NaN and +-inf included,
+    sizes past every vector width (the vector loop and the scalar tail)."""
+    cases = GRAD_CASES + [((64, 33), 1, "contiguous"), ((0, 3, 4), 1, "contiguous")]
+    for (shape, dim, layout), grad_layout in itertools.product(cases, ["contiguous", "strided"]):
+        x = make_input(shape, dtype, device, layout, special=True)
+        grad_input = make_input(shape, dtype, device, grad_layout, seed=3, special=False)
+        before = grad_input.clone()
+        grad_sums = random_like(shape[dim], sums_dtype(dtype), device, 4)
+        assert GRAD_OP(grad_input, x, grad_sums, TAU, dim) is None
+        want = before.double() + reference_entropy_gradient(x.cpu(), TAU, dim, grad_sums.cpu()).to(device)
+        tol = GRAD_TOL[dtype]
+        torch.testing.assert_close(grad_input.double(), want, rtol=tol, atol=tol, equal_nan=True,
+                                   msg=lambda m: f"{shape} {layout}, grad {grad_layout}: {m}")
+
+
+def dH_dx(x: float, tau: float) -> float:
+    """dH/dx = -u p (1 - p) / (tau ln 2), u = x / tau, p = sigmoid(u), one float64 at a time (p (1 - p)
+    as q (1 - q), q = sigmoid(-|u|), which autograd of the reference cannot do where p rounds to 1)."""
+    u = x / tau
+    q = 1.0 / (1.0 + math.exp(abs(u))) if abs(u) < 700 else 0.0
+    return -u * q * (1 - q) / (tau * math.log(2))
+
+
+def test_entropy_proxy_grad_at_extreme_temperatures():
+    values = [-3.0, -1e-30, 0.0, 1e-30, 2.0] * 4  # 20 values: a vector loop and a tail
+    for tau, dtype in itertools.product([1e-300, 1e-30, 1.0, 1e30], [torch.float32, torch.float64]):
+        x = torch.tensor(values, dtype=dtype)[:, None]
+        grad_input = torch.zeros(20, 1, dtype=dtype)
+        GRAD_OP(grad_input, x, torch.ones(1, dtype=dtype), tau, 1)
+        # tiny tau: every nonzero |u| is huge (1 / tau saturated in float32, the clamp keeps 0 * inf out): 0
+        want = torch.tensor([dH_dx(v, tau) for v in x.double().flatten().tolist()], dtype=torch.float64)[:, None]
+        torch.testing.assert_close(grad_input.double(), want, rtol=1e-5, atol=1e-30, msg=lambda m: f"tau {tau} {dtype}: {m}")
+        with torch.enable_grad():  # the torch-ops form a double backward differentiates: the same values
+            recorded = entropy_proxy_gradient(torch.ones(1, dtype=dtype), x, tau, 1)
+        torch.testing.assert_close(recorded.double(), want, rtol=1e-5, atol=1e-30, msg=lambda m: f"tau {tau} {dtype}: {m}")
+
+
+def test_entropy_proxy_grad_refuses_bad_arguments_and_writes_nothing():
+    x = torch.randn(2, 3, 4)
+    sums = torch.ones(3)
+    cases = [
+        ((torch.zeros(2, 3, 5), x, sums, TAU, 1), ValueError, r"grad_input of shape \[2, 3, 5\] does not match the input's \[2, 3, 4\]"),
+        ((torch.zeros(2, 3, 4, dtype=torch.float64), x, sums, TAU, 1), TypeError, "grad_input has dtype Double but the input has Float"),
+        ((torch.zeros(2, 3, 4), x, torch.ones(4), TAU, 1), ValueError, r"grad_sums of shape \[4\] does not match the input: expected \(3,\)"),
+        ((torch.zeros(2, 3, 4), x, torch.ones(3, dtype=torch.float64), TAU, 1), TypeError,
+         "grad_sums has dtype Double; expected Float"),
+        ((torch.zeros(2, 3, 4), x, sums, 0.0, 1), ValueError, "tau must be a positive, finite temperature"),
+        ((torch.zeros(2, 3, 4), x, sums, TAU, 3), IndexError, "channel_dim 3 is out of range"),
+        ((torch.zeros(2, 3, 4, dtype=torch.int64), x.long(), sums, TAU, 1), TypeError, "expected a floating-point input"),
+    ]
+    for (grad_input, *rest), error, message in cases:
+        with pytest.raises(error, match=message):
+            GRAD_OP(grad_input, *rest)
+        assert not grad_input.any()
+    overlapping = torch.zeros(1, 3, 1).expand(2, 3, 4)  # one element written through several indices
+    with pytest.raises(RuntimeError, match="internal overlap|single memory location"):
+        GRAD_OP(overlapping, x, sums, TAU, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_proxy_grad_opcheck(device):
+    for dtype in (torch.float32, torch.float64):
+        x = make_input((3, 4, 5), dtype, device, special=False)
+        grad_sums = random_like(4, dtype, device, 4)
+        torch.library.opcheck(GRAD_OP, (random_like((3, 4, 5), dtype, device, 3), x, grad_sums, TAU, 1))
 
 
 # -- op contracts ----------------------------------------------------------------------------

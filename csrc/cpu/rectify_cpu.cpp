@@ -10,14 +10,34 @@
 namespace easier_ext {
 namespace {
 
+#ifdef EASIER_EXT_CPU_X86
+// The variant for this CPU of a kernel compiled once per capability: ATen's choice, which checks
+// the CPU and honours ATEN_CPU_CAPABILITY.
+template <typename Kernel>
+Kernel for_this_cpu(Kernel avx512, Kernel avx2, Kernel fallback) {
+  const std::string cap = at::get_cpu_capability();
+  if (cap.rfind("AVX512", 0) == 0) return avx512;
+  if (cap.rfind("AVX2", 0) == 0) return avx2;
+  return fallback;
+}
+#endif
+
 cpu::RectifyCountKernel select_kernel() {
 #ifdef EASIER_EXT_CPU_X86
-  // Follow ATen's choice, which checks the CPU and honours ATEN_CPU_CAPABILITY.
-  const std::string cap = at::get_cpu_capability();
-  if (cap.rfind("AVX512", 0) == 0) return cpu::AVX512::rectify_count_kernel;
-  if (cap.rfind("AVX2", 0) == 0) return cpu::AVX2::rectify_count_kernel;
-#endif
+  return for_this_cpu(cpu::AVX512::rectify_count_kernel, cpu::AVX2::rectify_count_kernel,
+                      cpu::DEFAULT::rectify_count_kernel);
+#else
   return cpu::DEFAULT::rectify_count_kernel;
+#endif
+}
+
+cpu::EntropyGradKernel select_entropy_grad_kernel() {
+#ifdef EASIER_EXT_CPU_X86
+  return for_this_cpu(cpu::AVX512::entropy_grad_kernel, cpu::AVX2::entropy_grad_kernel,
+                      cpu::DEFAULT::entropy_grad_kernel);
+#else
+  return cpu::DEFAULT::entropy_grad_kernel;
+#endif
 }
 
 std::tuple<at::Tensor, at::Tensor> rectify_count_cpu(const at::Tensor& input, c10::string_view activation,
@@ -62,6 +82,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rectify_count_entropy_cpu(const a
   return {plan.output, counts, sums.to(entropy_sums_dtype(input.scalar_type()))};
 }
 
+void entropy_proxy_grad_cpu(at::Tensor& grad_input, const at::Tensor& input, const at::Tensor& grad_sums, double tau,
+                            int64_t channel_dim) {
+  EntropyGradPlan plan = plan_entropy_grad(grad_input, input, grad_sums, tau, channel_dim);
+  TORCH_INTERNAL_ASSERT(input.device().is_cpu());
+  static const cpu::EntropyGradKernel kernel = select_entropy_grad_kernel();
+  kernel(plan.iter, plan.inv_tau);
+}
+
 }  // namespace
 
 std::string cpu_kernel_capability() {
@@ -78,6 +106,7 @@ TORCH_LIBRARY_IMPL(easier_ext, CPU, m) {
   m.impl("rectify_count", &rectify_count_cpu);
   m.impl("rectify_count_", &rectify_count_inplace_cpu);
   m.impl("rectify_count_entropy", &rectify_count_entropy_cpu);
+  m.impl("entropy_proxy_grad_", &entropy_proxy_grad_cpu);
 }
 
 }  // namespace easier_ext

@@ -75,7 +75,8 @@ def prelu_weight_gradient(grad: Tensor, x: Tensor, weight: Tensor, channel_dim: 
     return per_element.sum(dim=[d for d in range(x.dim()) if d != dim]).reshape(weight.shape)
 
 
-# |u| beyond which the entropy proxy's gradient is exactly 0 in float64 too (sigmoid(-u) is 0 there).
+# |u| beyond which the entropy proxy's gradient is exactly 0 in float64 too (sigmoid(-u) is 0 there);
+# kEntropyULimit in csrc/entropy_proxy_math.h.
 _U_LIMIT = 1e4
 
 
@@ -98,27 +99,26 @@ def entropy_proxy_gradient(
         tau: the sigmoid's temperature, > 0.
         channel_dim: the channels' dim of ``x``.
         grad_input: another gradient of ``x`` (the activation's) to add the term to. When no graph
-            is being recorded (grad mode off, as in a plain backward) it is updated in place, and
-            the term takes two temporaries of ``x``'s size, updated in place.
+            is being recorded (grad mode off, as in a plain backward) it is updated in place by the
+            fused op ``easier_ext::entropy_proxy_grad_``, one pass with no temporary.
 
     Returns:
         ``grad_sums[c] * dH/dx`` at every element of channel ``c`` (plus ``grad_input``), with
         ``x``'s shape and dtype; computed in ``grad_sums``' dtype (float32 for float16/bfloat16
         inputs). NaN where ``x`` is NaN, 0 where it is +-inf (``H`` is 0 on both sides of it).
     """
-    inv_tau = min(1.0 / tau, torch.finfo(grad_sums.dtype).max)
-    scale = channel_view(grad_sums * (-inv_tau / math.log(2)), x.dim(), channel_dim)
-    u = x.to(grad_sums.dtype) * inv_tau
-    # Clamped so that +-inf gives (finite) * 0 = 0 rather than inf * 0 = NaN.
-    if torch.is_grad_enabled():  # a graph is being recorded (double backward): no in-place ops
-        u = u.clamp(-_U_LIMIT, _U_LIMIT)
+    if torch.is_grad_enabled():  # a graph is being recorded (double backward): torch ops, no in-place ones
+        inv_tau = min(1.0 / tau, torch.finfo(grad_sums.dtype).max)
+        scale = channel_view(grad_sums * (-1 / math.log(2)), x.dim(), channel_dim)
+        # Clamped so that +-inf gives (finite) * 0 = 0 rather than inf * 0 = NaN; inv_tau comes
+        # last, where u * q * (1 - q) is 0 if it saturated (tiny tau).
+        u = (x.to(grad_sums.dtype) * inv_tau).clamp(-_U_LIMIT, _U_LIMIT)
         q = torch.sigmoid(-u.abs())
-        term = (u * scale * q * (1 - q)).to(x.dtype)
+        term = (u * q * (1 - q) * inv_tau * scale).to(x.dtype)
         return term if grad_input is None else grad_input + term
-    # Each step below is a pass over x's size; in place where it can be, two new tensors in all.
-    u.clamp_(-_U_LIMIT, _U_LIMIT)
-    q = u.abs().neg_().sigmoid_()
-    u_q_1mq = aten.sigmoid_backward.grad_input(u, q, grad_input=q)  # u * q * (1 - q), into q
+    # A plain backward: the fused kernel adds the term in one pass (csrc/entropy_proxy_math.h, the
+    # same steps), where the torch ops above take seven and two temporaries of x's size.
     if grad_input is None:
-        return u_q_1mq.mul_(scale).to(x.dtype)
-    return grad_input.addcmul_(u_q_1mq, scale)
+        grad_input = torch.zeros_like(x)
+    torch.ops.easier_ext.entropy_proxy_grad_.default(grad_input, x, grad_sums, tau, channel_dim)
+    return grad_input

@@ -260,6 +260,15 @@ def _rectify_count_entropy_fake(input, activation, alpha, weight, channel_dim, t
     )
 
 
+@torch.library.register_fake("easier_ext::entropy_proxy_grad_")
+def _entropy_proxy_grad_fake(grad_input, input, grad_sums, tau, channel_dim):
+    # updates grad_input in place and returns nothing: the same under fake tensors (torch.compile's
+    # traced backward), where only the arguments' agreement can be checked
+    if grad_input.shape != input.shape or grad_sums.shape != (input.shape[channel_dim],):
+        raise ValueError(f"easier_ext.entropy_proxy_grad_: grad_input {tuple(grad_input.shape)} and grad_sums "
+                         f"{tuple(grad_sums.shape)} do not match the input {tuple(input.shape)} (channel_dim {channel_dim})")
+
+
 def _setup_entropy_context(ctx, inputs, output):
     input, activation, alpha, weight, channel_dim, tau = inputs
     ctx.activation = activation
