@@ -137,15 +137,19 @@ RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, d
   return {a, alpha, std::move(w), dense, output, channel_layout(dense, dim), tau};
 }
 
+void check_entropy_grad_devices(const at::Tensor& grad_input, const at::Tensor& input, const at::Tensor& grad_sums) {
+  TORCH_CHECK(grad_input.device() == input.device() && grad_sums.device() == input.device(),
+              "easier_ext.entropy_proxy_grad_: expected grad_input and grad_sums on ", input.device(),
+              " (the input's device), got ", grad_input.device(), " and ", grad_sums.device());
+}
+
 EntropyGradPlan plan_entropy_grad(at::Tensor& grad_input, const at::Tensor& input, const at::Tensor& grad_sums,
                                   double tau, int64_t channel_dim) {
   constexpr const char* op = "easier_ext.entropy_proxy_grad_";
+  check_entropy_grad_devices(grad_input, input, grad_sums);
   check_input(input);
   const int64_t dim = check_channel_dim(input, channel_dim);
   check_tau(tau);
-  TORCH_CHECK(grad_input.device() == input.device() && grad_sums.device() == input.device(), op,
-              ": expected grad_input and grad_sums on ", input.device(), " (the input's device), got ",
-              grad_input.device(), " and ", grad_sums.device());
   TORCH_CHECK_VALUE(grad_input.sizes() == input.sizes(), op, ": grad_input of shape ", grad_input.sizes(),
                     " does not match the input's ", input.sizes());
   TORCH_CHECK_TYPE(grad_input.scalar_type() == input.scalar_type(), op, ": grad_input has dtype ",

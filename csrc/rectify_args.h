@@ -74,6 +74,10 @@ struct EntropyGradPlan {
   double inv_tau;
 };
 
+// entropy_proxy_grad_'s tensors must all be on the input's device (what check_devices is to
+// rectify_count's): kernels call this first, for the same reason.
+void check_entropy_grad_devices(const at::Tensor& grad_input, const at::Tensor& input, const at::Tensor& grad_sums);
+
 // Checks entropy_proxy_grad_'s arguments (shapes, dtypes, devices, tau, channel_dim) before
 // anything is written.
 EntropyGradPlan plan_entropy_grad(at::Tensor& grad_input, const at::Tensor& input, const at::Tensor& grad_sums,

@@ -250,13 +250,15 @@ def dH_dx(x: float, tau: float) -> float:
     return -u * q * (1 - q) / (tau * math.log(2))
 
 
-def test_entropy_proxy_grad_at_extreme_temperatures():
-    values = [-3.0, -1e-30, 0.0, 1e-30, 2.0] * 4  # 20 values: a vector loop and a tail
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_proxy_grad_at_extreme_temperatures(device):
+    values = [-3.0, -1e-30, 0.0, 1e-30, 2.0] * 13  # 65 values: vector loops (16 floats wide at most) and a tail
     for tau, dtype in itertools.product([1e-300, 1e-30, 1.0, 1e30], [torch.float32, torch.float64]):
         x = torch.tensor(values, dtype=dtype)[:, None]
-        grad_input = torch.zeros(20, 1, dtype=dtype)
-        GRAD_OP(grad_input, x, torch.ones(1, dtype=dtype), tau, 1)
-        # tiny tau: every nonzero |u| is huge (1 / tau saturated in float32, the clamp keeps 0 * inf out): 0
+        grad_input = torch.zeros(len(values), 1, dtype=dtype, device=device)
+        GRAD_OP(grad_input, x.to(device), torch.ones(1, dtype=dtype, device=device), tau, 1)
+        grad_input = grad_input.cpu()
+        # tiny tau: every nonzero |u| here is huge (1 / tau saturated in float32, the clamp keeps 0 * inf out): 0
         want = torch.tensor([dH_dx(v, tau) for v in x.double().flatten().tolist()], dtype=torch.float64)[:, None]
         torch.testing.assert_close(grad_input.double(), want, rtol=1e-5, atol=1e-30, msg=lambda m: f"tau {tau} {dtype}: {m}")
         with torch.enable_grad():  # the torch-ops form a double backward differentiates: the same values
@@ -288,9 +290,9 @@ def test_entropy_proxy_grad_refuses_bad_arguments_and_writes_nothing():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_entropy_proxy_grad_opcheck(device):
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.float16):
         x = make_input((3, 4, 5), dtype, device, special=False)
-        grad_sums = random_like(4, dtype, device, 4)
+        grad_sums = random_like(4, sums_dtype(dtype), device, 4)
         torch.library.opcheck(GRAD_OP, (random_like((3, 4, 5), dtype, device, 3), x, grad_sums, TAU, 1))
 
 

@@ -84,8 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rectify_count_entropy_cpu(const a
 
 void entropy_proxy_grad_cpu(at::Tensor& grad_input, const at::Tensor& input, const at::Tensor& grad_sums, double tau,
                             int64_t channel_dim) {
-  EntropyGradPlan plan = plan_entropy_grad(grad_input, input, grad_sums, tau, channel_dim);
+  check_entropy_grad_devices(grad_input, input, grad_sums);
   TORCH_INTERNAL_ASSERT(input.device().is_cpu());
+  EntropyGradPlan plan = plan_entropy_grad(grad_input, input, grad_sums, tau, channel_dim);
   static const cpu::EntropyGradKernel kernel = select_entropy_grad_kernel();
   kernel(plan.iter, plan.inv_tau);
 }

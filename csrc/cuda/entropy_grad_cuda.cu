@@ -16,9 +16,10 @@ namespace {
 
 void entropy_proxy_grad_cuda(at::Tensor& grad_input, const at::Tensor& input, const at::Tensor& grad_sums, double tau,
                              int64_t channel_dim) {
+  check_entropy_grad_devices(grad_input, input, grad_sums);
+  TORCH_INTERNAL_ASSERT(input.device().is_cuda());  // after the check: a CPU input may reach this kernel
+  const c10::cuda::CUDAGuard device_guard(input.device());  // before the plan, which computes the scales
   EntropyGradPlan plan = plan_entropy_grad(grad_input, input, grad_sums, tau, channel_dim);
-  TORCH_INTERNAL_ASSERT(input.device().is_cuda());
-  const c10::cuda::CUDAGuard device_guard(input.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "entropy_proxy_grad_cuda", [&] {
     using opmath = at::opmath_type<scalar_t>;
     const opmath inv_tau = static_cast<opmath>(plan.inv_tau);

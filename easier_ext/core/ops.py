@@ -264,9 +264,13 @@ def _rectify_count_entropy_fake(input, activation, alpha, weight, channel_dim, t
 def _entropy_proxy_grad_fake(grad_input, input, grad_sums, tau, channel_dim):
     # updates grad_input in place and returns nothing: the same under fake tensors (torch.compile's
     # traced backward), where only the arguments' agreement can be checked
-    if grad_input.shape != input.shape or grad_sums.shape != (input.shape[channel_dim],):
-        raise ValueError(f"easier_ext.entropy_proxy_grad_: grad_input {tuple(grad_input.shape)} and grad_sums "
-                         f"{tuple(grad_sums.shape)} do not match the input {tuple(input.shape)} (channel_dim {channel_dim})")
+    sums_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32  # entropy_sums_dtype in C++
+    torch._check(-input.dim() <= channel_dim < input.dim(), lambda: f"channel_dim {channel_dim} is out of range")
+    torch._check(grad_input.shape == input.shape and grad_input.dtype == input.dtype
+                 and grad_sums.shape == (input.shape[channel_dim],) and grad_sums.dtype == sums_dtype,
+                 lambda: f"easier_ext.entropy_proxy_grad_: grad_input {tuple(grad_input.shape)} {grad_input.dtype} and "
+                         f"grad_sums {tuple(grad_sums.shape)} {grad_sums.dtype} do not match the input "
+                         f"{tuple(input.shape)} {input.dtype} (channel_dim {channel_dim})")
 
 
 def _setup_entropy_context(ctx, inputs, output):
