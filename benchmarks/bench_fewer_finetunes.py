@@ -9,12 +9,18 @@ Variants (``easier-ext run --method easier`` options on top of ``--run-args``):
   undone and the number halved);
 - ``probe``: ``auto`` and ``--probe`` (each iteration's sites, then half as many, tried with
   re-estimated BatchNorm statistics and kept without a finetune when within the budget);
-- ``probe+reg``: ``probe`` and the entropy regularizer (``--entropy-weight 0.01``).
+- ``probe+reg``: ``probe`` and the entropy regularizer (``--entropy-weight 0.01``);
+- ``probe+stop``: ``probe`` and ``--early-stop 4`` (every finetune ends at the first check, every
+  4 batches, where the validation accuracy is back within the budget);
+- ``probe+stop+reg``: ``probe+stop`` and the regularizer.
+
+"epochs to base's sites" is what a variant had spent when it first held as many sites as ``base``
+removed, within the budget.
 
 The first variant of each model trains the dense model (``easier-ext run`` pretrains it); every
 other variant starts from its ``dense.pt``. Run from the repository root:
 
-    python benchmarks/bench_fewer_finetunes.py [--models resnet18 mobilenet_v2 vgg16_bn] [--variants base auto probe probe+reg]
+    python benchmarks/bench_fewer_finetunes.py [--models resnet18 mobilenet_v2 vgg16_bn] [--variants base probe+stop probe+stop+reg]
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ VARIANTS = {
     "auto": ["--sites-per-step", "auto"],
     "probe": ["--sites-per-step", "auto", "--probe"],
     "probe+reg": ["--sites-per-step", "auto", "--probe", "--entropy-weight", "0.01"],
+    "probe+stop": ["--sites-per-step", "auto", "--probe", "--early-stop", "4"],
+    "probe+stop+reg": ["--sites-per-step", "auto", "--probe", "--early-stop", "4", "--entropy-weight", "0.01"],
 }
 
 
@@ -61,19 +69,32 @@ def main(argv=None) -> None:
             rows.append((name, variant, run["summary"], len(run["config"]["sites"]), run["iterations"],
                          latency(run_dir, args.batch, args.rounds, run["config"]["image_size"])))
 
-    print(f"\n| model | variant | dense top-1 | final top-1 | sites removed | finetune epochs | vs base | iterations "
-          f"(undone, no finetune) | wall | depth | CPU latency, batch {args.batch} (paired speedup) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    base_epochs = {name: s["finetune_epochs"] for name, variant, s, *_ in rows if variant == "base"}
+    print(f"\n| model | variant | dense top-1 | final top-1 | sites removed | finetune epochs | vs base | epochs to base's sites "
+          f"| iterations (undone, no finetune) | wall | depth | CPU latency, batch {args.batch} (paired speedup) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = {name: s for name, variant, s, *_ in rows if variant == "base"}
     for name, variant, s, n, logs, t in rows:
         epochs = s["finetune_epochs"]
-        ratio = f"{epochs / base_epochs[name]:.2f}x" if base_epochs.get(name) else "-"
+        ratio = f"{epochs / base[name]['finetune_epochs']:.2f}x" if name in base and base[name]["finetune_epochs"] else "-"
+        reached = epochs_to_sites(logs, s["dense_accuracy"], args.budget, len(base[name]["removed"])) if name in base else None
         undone = sum(bool(log.get("undone")) for log in logs)
         probed = sum(log.get("finetuned") is False for log in logs)
         wall = sum(log["wall_s"] for log in logs) / 60
-        print(f"| {name} | {variant} | {s['dense_accuracy']:.2f} | {s['accuracy']:.2f} | {len(s['removed'])}/{n} | {epochs} | {ratio} "
-              f"| {len(logs) - 1} ({undone}, {probed}) | {wall:.1f} min | {s['before']['depth']} -> {s['after']['depth']} "
-              f"| {t.before_s * 1e3:.1f} -> {t.after_s * 1e3:.1f} ms ({t.speedup:.2f}x) |")
+        print(f"| {name} | {variant} | {s['dense_accuracy']:.2f} | {s['accuracy']:.2f} | {len(s['removed'])}/{n} | {epochs:.3g} | {ratio} "
+              f"| {'-' if reached is None else f'{reached:.3g}'} | {len(logs) - 1} ({undone}, {probed}) | {wall:.1f} min "
+              f"| {s['before']['depth']} -> {s['after']['depth']} | {t.before_s * 1e3:.1f} -> {t.after_s * 1e3:.1f} ms ({t.speedup:.2f}x) |")
+
+
+def epochs_to_sites(logs: list[dict], dense: float, budget: float, sites: int):
+    """The finetune epochs a run had spent when it first kept ``sites`` sites linearized within the
+    budget (None: it never did)."""
+    spent = 0.0
+    for log in logs[1:]:
+        if log.get("finetuned", True):
+            spent += sum(record.get("fraction", 1) for record in log["finetune"])
+        if not log.get("undone") and dense - log["val_accuracy"] <= budget and len(log["linearized"]) >= sites:
+            return spent
+    return None
 
 
 if __name__ == "__main__":
