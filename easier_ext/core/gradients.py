@@ -117,7 +117,7 @@ def entropy_proxy_gradient(
         term = (u * q * (1 - q) * inv_tau * scale).to(x.dtype)
         return term if grad_input is None else grad_input + term
     # A plain backward: the fused kernel adds the term in one pass (csrc/entropy_proxy_math.h, the
-    # same steps), where the torch ops above took seven passes and two temporaries of x's size.
+    # same steps), with no temporary of x's size.
     if grad_input is None:
         grad_input = torch.zeros_like(x)
     torch.ops.easier_ext.entropy_proxy_grad_.default(grad_input, x, grad_sums, tau, channel_dim)

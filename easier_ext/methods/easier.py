@@ -79,9 +79,10 @@ class EASIER(Schedule):
     (``"finetuned": False``; ``"auto"`` then doubles the number it kept); every try is logged
     (``"probes"``). When none is, not even the lowest site alone, the iteration linearizes that
     one site (with any at zero entropy, as always) and finetunes it as plain EASIER does (never
-    undone: ``patience`` decides), from that site's trial (its re-estimated BatchNorm statistics). Every probe is a look at the validation set, which also picks
-    the returned model: the more probes, the more its accuracy there is a selected one (hold out
-    a test set to report).
+    undone: ``patience`` decides), from that site's trial (its re-estimated BatchNorm
+    statistics). Every probe is a look at the validation set, which also picks the returned
+    model: the more probes, the more its accuracy there is a selected one (hold out a test set
+    to report).
 
     Args:
         model, train_loader, val_loader, example_input, options, keywords: see

@@ -217,7 +217,8 @@ class ScheduleOptions:
     early_stop: int = option(
         0, help="check the validation accuracy every N finetune batches and end the finetune as soon as it is within the "
                 "budget (0: off, every finetune runs the recipe's epochs); each check is a pass over the validation set, "
-                "which then also decides how long models train", cli=True, metavar="N",
+                "which then also decides how long models train (NEPENTHE: checked before its zero-entropy sites are "
+                "replaced)", cli=True, metavar="N",
         check=lambda v: _is_count(v) and v >= 0, expected="an int >= 0 (batches between checks; 0: off)", convert=int,
         recorded_if_set=True)
     seed: int = option(0, help="seeds torch, Python and NumPy at the start", check=_is_count, expected="an int", convert=int)

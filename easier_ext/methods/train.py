@@ -166,7 +166,7 @@ def finetune(
         return _min_over_ranks(float(bool(stop_when())), device) > 0
 
     was_training = net.training
-    bar = progress_bar(total=None if steps is None else steps * recipe.epochs, desc=desc, enabled=progress)
+    bar = progress_bar(total=total, desc=desc, enabled=progress)
     with _distributed(model, net, device) as train_model, bar:
         train_model.train()
         try:
