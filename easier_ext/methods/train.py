@@ -10,7 +10,6 @@ Both :func:`finetune` and :func:`evaluate` work alone or under an initialized
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from typing import Any, Callable, Iterable, Optional, Union
@@ -18,15 +17,14 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
 from easier_ext.core.checks import is_int
-from easier_ext.core.modules import EntropyActivation
 from easier_ext.core.runtime import autocast, batch_count, model_device, progress as progress_bar, unwrap_ddp, world_size
 # The recipe lived here before methods.recipe; its names stay importable from this module, and
 # pickles naming easier_ext.train.Recipe (this module under its old path) still load.
+from easier_ext.methods.ranks import collective_device, max_over_ranks, min_over_ranks, sum_over_ranks, training_module
 from easier_ext.methods.recipe import OPTIMIZERS, SCHEDULES, Recipe, constant_lr, make_optimizer, make_scheduler, require_recipe
 
 __all__ = [
@@ -163,11 +161,11 @@ def finetune(
         done += 1
         if stop_when is None or done % check_every or done == total:
             return False
-        return _min_over_ranks(float(bool(stop_when())), device) > 0
+        return min_over_ranks(float(bool(stop_when())), device) > 0
 
     was_training = net.training
     bar = progress_bar(total=total, desc=desc, enabled=progress)
-    with _distributed(model, net, device) as train_model, bar:
+    with training_module(model, net, device) as train_model, bar:
         train_model.train()
         try:
             for epoch in range(recipe.epochs):
@@ -178,11 +176,11 @@ def finetune(
                     train_model, train_loader, optimizer, scaler, criterion, device, use_amp, epoch, recipe.max_batches, bar,
                     regularizer, stop,
                 )
-                loss_sum, correct, samples = _sum_over_ranks([loss_sum, correct, samples], device)
+                loss_sum, correct, samples = sum_over_ranks([loss_sum, correct, samples], device)
                 if samples == 0:
                     raise ValueError(f"the loader gave no batches in epoch {epoch}; nothing to train on")
                 scheduler.step()
-                seconds = _max_over_ranks(time.perf_counter() - start, device)
+                seconds = max_over_ranks(time.perf_counter() - start, device)
                 record = {
                     "epoch": epoch,
                     "lr": lr,
@@ -257,41 +255,10 @@ def _check_finite(loss: Tensor, epoch: int, batch: int) -> None:
     """
     finite = torch.isfinite(loss.detach()).to(torch.int32)
     if world_size() > 1:
-        finite = finite.to(_collective_device(loss.device))
+        finite = finite.to(collective_device(loss.device))
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
         raise NonFiniteLossError(epoch, batch, float(loss.detach()))
-
-
-@contextlib.contextmanager
-def _distributed(model: nn.Module, net: nn.Module, device: torch.device):
-    """Yields the module to train: ``model`` itself, or a DDP wrapper of it made for this call.
-
-    A wrapper made here has its autograd hooks removed on exit, so that the bare module trains
-    normally afterwards and a later call can wrap it again.
-    """
-    if isinstance(model, DistributedDataParallel) or world_size() == 1:
-        yield model
-        return
-    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    ddp = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=_has_unused_parameters(net))
-    try:
-        yield ddp
-    finally:
-        remove = getattr(ddp, "_remove_autograd_hooks", None)  # private, hence guarded
-        if remove is not None:
-            remove()
-        del ddp
-
-
-def _has_unused_parameters(net: nn.Module) -> bool:
-    # A linearized PReLU keeps its slope parameter but no longer uses it; DDP would wait for its
-    # gradient forever unless told to look for unused parameters (which costs a graph traversal
-    # per step, so only when needed).
-    return any(
-        isinstance(m, EntropyActivation) and m.linearized and any(p.requires_grad for p in m.parameters())
-        for m in net.modules()
-    )
 
 
 def _set_epoch(loader: Iterable, epoch: int) -> None:
@@ -338,7 +305,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: Device = None, amp: 
                 total += targets.numel()
     finally:
         net.train(was_training)
-    correct_all, total_all = _sum_over_ranks([correct, torch.tensor(float(total), dtype=torch.float64, device=device)], device)
+    correct_all, total_all = sum_over_ranks([correct, torch.tensor(float(total), dtype=torch.float64, device=device)], device)
     if total_all == 0:
         raise ValueError("the loader gave no targets; nothing to evaluate")
     return 100.0 * correct_all / total_all
@@ -388,12 +355,12 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, *, max_batches: Op
             yield batch
 
     update_bn(counted(loader if max_batches is None else itertools.islice(loader, max_batches)), net, device)
-    if _min_over_ranks(seen, device) == 0:
+    if min_over_ranks(seen, device) == 0:
         for m, state in zip(layers, before):
             m.load_state_dict(state)
         raise ValueError("recalibrate_batchnorm: the loader gave no batch (on at least one rank); the statistics are unchanged")
     if world_size() > 1:
-        stats = torch.cat([t for m in layers for t in (m.running_mean, m.running_var)]).to(_collective_device(device))
+        stats = torch.cat([t for m in layers for t in (m.running_mean, m.running_var)]).to(collective_device(device))
         dist.all_reduce(stats)
         stats /= world_size()
         parts = stats.split([m.running_mean.numel() for m in layers for _ in range(2)])
@@ -419,40 +386,6 @@ def _split_batch(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
     if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
         raise TypeError(f"expected tensors for input and target, got {type(inputs).__name__} and {type(targets).__name__}")
     return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-
-
-def _collective_device(device: torch.device) -> torch.device:
-    # nccl only moves CUDA tensors; gloo takes either
-    if dist.get_backend() == "nccl" and device.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _sum_over_ranks(values: list[Tensor], device: torch.device) -> list[float]:
-    """Sums scalars over the ranks in one collective; one host sync."""
-    stacked = torch.stack([v.to(device, torch.float64) for v in values])
-    if world_size() > 1:
-        stacked = stacked.to(_collective_device(device))
-        dist.all_reduce(stacked)
-    return stacked.tolist()
-
-
-def _max_over_ranks(value: float, device: torch.device) -> float:
-    return _reduce_over_ranks(value, device, "MAX")
-
-
-def _min_over_ranks(value: float, device: torch.device) -> float:
-    return _reduce_over_ranks(value, device, "MIN")
-
-
-def _reduce_over_ranks(value: float, device: torch.device, op: str) -> float:
-    # the op by name, looked up only when distributed: a torch built without torch.distributed
-    # has no dist.ReduceOp, and single-process callers must not need it
-    if world_size() == 1:
-        return value
-    t = torch.tensor(value, dtype=torch.float64, device=_collective_device(device))
-    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
-    return float(t)
 
 
 # LambdaLR schedulers pickled by earlier versions name the constant schedule by this path
