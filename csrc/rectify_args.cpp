@@ -2,10 +2,8 @@
 
 #include <ATen/ATen.h>
 
-#include <algorithm>
 #include <array>
 #include <cmath>
-#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -160,9 +158,7 @@ EntropyGradPlan plan_entropy_grad(at::Tensor& grad_input, const at::Tensor& inpu
                     grad_sums.sizes(), " does not match the input: expected (", channels, ",), one per channel");
   TORCH_CHECK_TYPE(grad_sums.scalar_type() == sums_dtype, op, ": grad_sums has dtype ", grad_sums.scalar_type(),
                    "; expected ", sums_dtype, " (rectify_count_entropy's sums for a ", input.scalar_type(), " input)");
-  const double limit = sums_dtype == at::kDouble ? std::numeric_limits<double>::max()
-                                                 : static_cast<double>(std::numeric_limits<float>::max());
-  const double inv_tau = std::min(1.0 / tau, limit);
+  const double inv_tau = sums_dtype == at::kDouble ? saturated_inverse<double>(tau) : saturated_inverse<float>(tau);
   std::vector<int64_t> shape(input.dim(), 1);
   shape[dim] = channels;
   const at::Tensor scale = grad_sums.mul(-1.0 / M_LN2).view(shape);

@@ -44,12 +44,18 @@ inline at::ScalarType entropy_sums_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// 1 / tau in the kernels' accumulation type T, saturated at T's largest finite value (a tau below
-// float's range must not make 0 * (1 / tau) NaN); 0, unused, for a plan without tau.
+// 1 / tau in T, saturated at T's largest finite value (a tau below T's range must not make
+// 0 * (1 / tau) NaN).
+template <typename T>
+T saturated_inverse(double tau) {
+  return static_cast<T>(std::min(1.0 / tau, static_cast<double>(std::numeric_limits<T>::max())));
+}
+
+// saturated_inverse of the plan's tau in the kernels' accumulation type T; 0, unused, for a plan
+// without tau.
 template <typename T>
 T inverse_tau(const RectifyPlan& plan) {
-  if (!plan.tau) return T(0);
-  return static_cast<T>(std::min(1.0 / *plan.tau, static_cast<double>(std::numeric_limits<T>::max())));
+  return plan.tau ? saturated_inverse<T>(*plan.tau) : T(0);
 }
 
 // Every tensor argument must be on the input's device. Kernels call this before anything else: the
@@ -67,7 +73,7 @@ RectifyPlan plan_rectify(const at::Tensor& input, std::string_view activation, d
 
 // What the kernels of entropy_proxy_grad_ need: an iterator over (grad_input out, grad_input,
 // input, scale), scale being each channel's grad_sums[c] * (-1 / ln 2) in the sums' dtype, viewed
-// to broadcast along the input's channel dim; and 1 / tau saturated as inverse_tau does (kept out
+// to broadcast along the input's channel dim; and 1 / tau saturated (saturated_inverse) in the sums' dtype (kept out
 // of the scale, where a saturated 1 / tau would make it infinite and 0 * inf NaN).
 struct EntropyGradPlan {
   at::TensorIterator iter;

@@ -20,25 +20,14 @@ Kernel for_this_cpu(Kernel avx512, Kernel avx2, Kernel fallback) {
   if (cap.rfind("AVX2", 0) == 0) return avx2;
   return fallback;
 }
+#define EASIER_EXT_FOR_THIS_CPU(kernel) for_this_cpu(cpu::AVX512::kernel, cpu::AVX2::kernel, cpu::DEFAULT::kernel)
+#else  // only the DEFAULT variant is built
+#define EASIER_EXT_FOR_THIS_CPU(kernel) cpu::DEFAULT::kernel
 #endif
 
-cpu::RectifyCountKernel select_kernel() {
-#ifdef EASIER_EXT_CPU_X86
-  return for_this_cpu(cpu::AVX512::rectify_count_kernel, cpu::AVX2::rectify_count_kernel,
-                      cpu::DEFAULT::rectify_count_kernel);
-#else
-  return cpu::DEFAULT::rectify_count_kernel;
-#endif
-}
+cpu::RectifyCountKernel select_kernel() { return EASIER_EXT_FOR_THIS_CPU(rectify_count_kernel); }
 
-cpu::EntropyGradKernel select_entropy_grad_kernel() {
-#ifdef EASIER_EXT_CPU_X86
-  return for_this_cpu(cpu::AVX512::entropy_grad_kernel, cpu::AVX2::entropy_grad_kernel,
-                      cpu::DEFAULT::entropy_grad_kernel);
-#else
-  return cpu::DEFAULT::entropy_grad_kernel;
-#endif
-}
+cpu::EntropyGradKernel select_entropy_grad_kernel() { return EASIER_EXT_FOR_THIS_CPU(entropy_grad_kernel); }
 
 std::tuple<at::Tensor, at::Tensor> rectify_count_cpu(const at::Tensor& input, c10::string_view activation,
                                                       double alpha, const std::optional<at::Tensor>& weight,

@@ -248,11 +248,16 @@ def _rectify_count_inplace_fake(input, activation, alpha, weight, channel_dim):
     return counts
 
 
+def _sums_dtype(dtype: torch.dtype) -> torch.dtype:
+    # entropy_sums_dtype in C++: the kernels accumulate float32, float16 and bfloat16 in float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("easier_ext::rectify_count_entropy")
 def _rectify_count_entropy_fake(input, activation, alpha, weight, channel_dim, tau):
     _check_args(input, activation, weight, channel_dim, tau)
     channels = input.shape[channel_dim]
-    sums_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32  # entropy_sums_dtype in C++
+    sums_dtype = _sums_dtype(input.dtype)
     return (
         torch.empty_like(input),
         input.new_empty((channels,), dtype=torch.int64),
@@ -264,7 +269,7 @@ def _rectify_count_entropy_fake(input, activation, alpha, weight, channel_dim, t
 def _entropy_proxy_grad_fake(grad_input, input, grad_sums, tau, channel_dim):
     # updates grad_input in place and returns nothing: the same under fake tensors (torch.compile's
     # traced backward), where only the arguments' agreement can be checked
-    sums_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32  # entropy_sums_dtype in C++
+    sums_dtype = _sums_dtype(input.dtype)
     torch._check(-input.dim() <= channel_dim < input.dim(), lambda: f"channel_dim {channel_dim} is out of range")
     torch._check(grad_input.shape == input.shape and grad_input.dtype == input.dtype
                  and grad_sums.shape == (input.shape[channel_dim],) and grad_sums.dtype == sums_dtype,

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from easier_ext.core.checks import is_int
 from easier_ext.core.runtime import autocast, batch_count, model_device, progress as progress_bar, unwrap_ddp, world_size
+from easier_ext.methods.ranks import collective_device, max_over_ranks, min_over_ranks, sum_over_ranks, training_module
 # The recipe lived here before methods.recipe; its names stay importable from this module, and
 # pickles naming easier_ext.train.Recipe (this module under its old path) still load.
-from easier_ext.methods.ranks import collective_device, max_over_ranks, min_over_ranks, sum_over_ranks, training_module
 from easier_ext.methods.recipe import OPTIMIZERS, SCHEDULES, Recipe, constant_lr, make_optimizer, make_scheduler, require_recipe
 
 __all__ = [
