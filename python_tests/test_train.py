@@ -404,6 +404,59 @@ def test_stop_when_and_check_every_go_together(stop_when, check_every):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+# -- a cap on the batches ------------------------------------------------------------------------------
+def test_max_steps_ends_the_finetune_after_that_many_batches_in_all():
+    batches = _batches(40, 8)  # 5 batches an epoch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    reference = copy.deepcopy(model)
+    recipe = Recipe(epochs=3, lr=0.1, milestones=(0.5,), gamma=0.5)  # halved from epoch 1
+
+    history = finetune(model, batches, recipe, progress=False, max_steps=7)
+
+    assert [(r["batches"], r["lr"], r.get("truncated"), r.get("fraction")) for r in history] == [
+        (5, 0.1, None, None), (2, 0.05, True, pytest.approx(0.4))]
+    assert "stopped" not in history[1]
+    # a plain loop of the same 7 steps, the learning rate halved after the first epoch
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    reference.train()
+    for step, (x, y) in enumerate((batches * 2)[:7]):
+        if step == 5:
+            opt.param_groups[0]["lr"] = 0.05
+        opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        opt.step()
+    for p, q in zip(model.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_max_steps_at_or_past_the_recipes_end_cuts_nothing_and_on_an_epochs_end_cuts_that_epoch():
+    recipe = Recipe(epochs=2, lr=0.1, max_batches=3)
+    for cap in (6, 7):
+        history = finetune(_mlp(), _batches(40, 8), recipe, progress=False, max_steps=cap)
+        assert [r["batches"] for r in history] == [3, 3] and not any("truncated" in r for r in history)
+    history = finetune(_mlp(), _batches(40, 8), recipe, progress=False, max_steps=3)
+    assert [(r["batches"], r["truncated"], r["fraction"]) for r in history] == [(3, True, 1.0)]
+
+
+def test_max_steps_with_stop_when_asks_nothing_after_its_last_batch_and_without_length_has_no_fraction():
+    calls = []
+    history = finetune(_mlp(), _batches(40, 8), Recipe(epochs=2), progress=False, max_steps=3,
+                       stop_when=lambda: calls.append(1), check_every=1)
+    assert len(calls) == 2 and history[0]["truncated"] is True and "stopped" not in history[0]
+    ended = finetune(_mlp(), iter(_batches(40, 8)), Recipe(epochs=1), progress=False, max_steps=2)
+    assert ended[0]["truncated"] is True and ended[0]["batches"] == 2 and ended[0]["fraction"] is None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_max_steps_must_be_a_positive_int(bad):
+    model = _mlp()
+    before = _params(model)
+    with pytest.raises(ValueError, match=r"max_steps must be None or an int >= 1 \(batches in all\), got"):
+        finetune(model, _batches(16, 8), Recipe(epochs=1), progress=False, max_steps=bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def _stopped_by_one_rank_or_by_both() -> list:
     rank = dist.get_rank()
     batches = _batches(32, 4)[rank::2]  # 4 batches each
@@ -414,13 +467,15 @@ def _stopped_by_one_rank_or_by_both() -> list:
 
     one = finetune(model, batches, Recipe(epochs=1), progress=False, stop_when=evaluated(rank == 0), check_every=1)
     both = finetune(model, batches, Recipe(epochs=1), progress=False, stop_when=evaluated(True), check_every=2)
-    return [[r["batches"] for r in one], [r["batches"] for r in both]]
+    cut = finetune(model, batches, Recipe(epochs=2), progress=False, stop_when=evaluated(False), check_every=1, max_steps=6)
+    return [[r["batches"] for r in one], [r["batches"] for r in both], [(r["batches"], r["samples"], r.get("truncated")) for r in cut]]
 
 
-def test_on_two_ranks_the_finetune_stops_only_when_every_rank_says_so(tmp_path):
+def test_on_two_ranks_the_finetune_stops_only_when_every_rank_says_so_and_is_cut_on_both(tmp_path):
     from testing import on_two_gloo_ranks
 
-    assert on_two_gloo_ranks(_stopped_by_one_rank_or_by_both, tmp_path) == [[[4], [2]], [[4], [2]]]
+    cut = [(4, 32, None), (2, 16, True)]  # samples summed over the ranks
+    assert on_two_gloo_ranks(_stopped_by_one_rank_or_by_both, tmp_path) == [[[4], [2], cut], [[4], [2], cut]]
 
 
 # -- Recipe ---------------------------------------------------------------------------------------

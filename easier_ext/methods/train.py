@@ -79,6 +79,7 @@ def finetune(
     regularizer: Optional[Callable[[], Tensor]] = None,
     stop_when: Optional[Callable[[], bool]] = None,
     check_every: Optional[int] = None,
+    max_steps: Optional[int] = None,
 ) -> list[dict[str, Any]]:
     """Trains the model with cross-entropy, from a fresh optimizer and learning-rate schedule.
 
@@ -118,6 +119,9 @@ def finetune(
             to recover need not run its whole recipe). The learning-rate schedule is the recipe's
             as far as it got.
         check_every: how many batches between two calls of ``stop_when``; required with it.
+        max_steps: the most batches the finetune runs in all (counted over all epochs), e.g. what
+            is left of a run's budget of finetune epochs; fewer than the recipe's batches end it
+            early, its learning-rate schedule as far as it got. None: the recipe's epochs.
 
     Returns:
         one record per epoch run: ``epoch`` (0-based), ``lr`` (the epoch's learning rate), ``loss``
@@ -125,13 +129,15 @@ def finetune(
         model trained), ``samples`` (targets seen, all ranks), ``batches`` (this rank's) and
         ``seconds`` (wall time, the slowest rank's). The epoch ``stop_when`` ended has
         ``"stopped": True`` and ``fraction``, the part of a whole epoch it ran (None when the
-        loader has no length and the recipe no ``max_batches``).
+        loader has no length and the recipe no ``max_batches``); the epoch ``max_steps`` ended,
+        when it came before the recipe's end, has ``"truncated": True`` and ``fraction``.
 
     Raises:
         TypeError: ``recipe`` is not a :class:`Recipe`, or a batch is not an ``(input, target)``
             pair of tensors.
         ValueError: the model has nothing to train, an epoch gave no batches on any rank, or
-            ``stop_when`` came without a ``check_every`` >= 1 (or ``check_every`` without it).
+            ``stop_when`` came without a ``check_every`` >= 1 (or ``check_every`` without it), or
+            ``max_steps`` is not None or an int >= 1.
         NonFiniteLossError: the loss became NaN or infinite (on any rank); the parameters are those
             after the last finite step, but BatchNorm running statistics have seen the failing
             batch's forward.
@@ -140,6 +146,8 @@ def finetune(
     if (stop_when is None) != (check_every is None) or not (check_every is None or (is_int(check_every) and check_every >= 1)):
         raise ValueError(f"stop_when and check_every go together, check_every an int >= 1; got stop_when={stop_when!r}, "
                          f"check_every={check_every!r}")
+    if not (max_steps is None or (is_int(max_steps) and max_steps >= 1)):
+        raise ValueError(f"max_steps must be None or an int >= 1 (batches in all), got {max_steps!r}")
     net = unwrap_ddp(model)
     device = torch.device(device) if device is not None else model_device(net)
     use_amp = recipe.amp and device.type == "cuda"
@@ -153,15 +161,22 @@ def finetune(
 
     history: list[dict[str, Any]] = []
     total = None if steps is None else steps * recipe.epochs
+    if max_steps is not None and (total is None or max_steps < total):
+        total = max_steps
+    else:  # the recipe ends first: nothing is cut
+        max_steps = None
     done = 0
 
-    def stop() -> bool:
-        # every rank reaches the same batch (same number of batches), so the collectives line up
+    def end() -> str:
+        # why the finetune ends after this batch ("" to go on); every rank reaches the same batch
+        # (same number of batches), so the collectives line up
         nonlocal done
         done += 1
+        if done == max_steps:
+            return "truncated"
         if stop_when is None or done % check_every or done == total:
-            return False
-        return min_over_ranks(float(bool(stop_when())), device) > 0
+            return ""
+        return "stopped" if min_over_ranks(float(bool(stop_when())), device) > 0 else ""
 
     was_training = net.training
     bar = progress_bar(total=total, desc=desc, enabled=progress)
@@ -172,9 +187,9 @@ def finetune(
                 _set_epoch(train_loader, epoch)
                 lr = optimizer.param_groups[0]["lr"]
                 start = time.perf_counter()
-                loss_sum, correct, samples, batches, stopped = _train_epoch(
+                loss_sum, correct, samples, batches, ended = _train_epoch(
                     train_model, train_loader, optimizer, scaler, criterion, device, use_amp, epoch, recipe.max_batches, bar,
-                    regularizer, stop,
+                    regularizer, end,
                 )
                 loss_sum, correct, samples = sum_over_ranks([loss_sum, correct, samples], device)
                 if samples == 0:
@@ -190,13 +205,13 @@ def finetune(
                     "batches": batches,
                     "seconds": seconds,
                 }
-                if stopped:
-                    record.update(stopped=True, fraction=None if steps is None else batches / steps)
+                if ended:
+                    record.update({ended: True, "fraction": None if steps is None else batches / steps})
                 history.append(record)
                 bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
                 if on_epoch_end is not None:
                     on_epoch_end(record)
-                if stopped:
+                if ended:
                     break
         finally:
             net.train(was_training)
@@ -217,10 +232,11 @@ def _train_epoch(
     max_batches: Optional[int],
     bar: tqdm,
     regularizer: Optional[Callable[[], Tensor]],
-    stop: Callable[[], bool],
-) -> tuple[Tensor, Tensor, Tensor, int, bool]:
-    """One pass, until ``stop()`` says so after a batch; returns this rank's summed loss, correct
-    count and sample count (on the device), its batch count, and whether ``stop()`` ended it."""
+    end: Callable[[], str],
+) -> tuple[Tensor, Tensor, Tensor, int, str]:
+    """One pass, until ``end()`` gives a reason after a batch; returns this rank's summed loss,
+    correct count and sample count (on the device), its batch count, and the reason ("" when the
+    pass ran out)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
     samples = batches = 0  # known on the host without a sync
@@ -242,9 +258,10 @@ def _train_epoch(
         samples += n
         bar.update()
         batches = index + 1
-        if stop():
-            return loss_sum, correct, _samples(samples, device), batches, True
-    return loss_sum, correct, _samples(samples, device), batches, False
+        ended = end()
+        if ended:
+            return loss_sum, correct, _samples(samples, device), batches, ended
+    return loss_sum, correct, _samples(samples, device), batches, ""
 
 
 def _check_finite(loss: Tensor, epoch: int, batch: int) -> None:
