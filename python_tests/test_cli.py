@@ -152,6 +152,7 @@ def cli_errors(tmp_path, model_file):
         (["--method", "nepenthe", "--sites-per-step", "2"], "--sites-per-step applies to --method easier only", 2),
         (["--method", "nepenthe", "--probe"], "--probe applies to --method easier only", 2),
         (["--early-stop", "-1"], r"--early-stop must be an int >= 0 \(batches between checks; 0: off\), got -1", 2),
+        (["--max-finetune-epochs", "0"], r"--max-finetune-epochs must be a finite number > 0 \(omit it for no cap\), got 0\.0", 2),
         (["--image-size", "0"], "--image-size must be >= 1", 2),
         (["--measure-batches", "0"], r"--measure-batches must be an int >= 1 \(omit it to measure every batch\)", 2),
         (["--measure-batches", "-2"], "--measure-batches must be an int >= 1", 2),
@@ -169,7 +170,7 @@ def cli_errors(tmp_path, model_file):
     ]
 
 
-@pytest.mark.parametrize("case", range(20))
+@pytest.mark.parametrize("case", range(21))
 def test_every_run_error_is_one_line_before_any_work(case, model_file, tmp_path, capsys):
     cases = cli_errors(tmp_path, model_file)
     if case >= len(cases):

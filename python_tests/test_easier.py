@@ -4,6 +4,7 @@ result, refusals, and the CLI end to end on a tiny model."""
 import copy
 import functools
 import json
+import shutil
 import sys
 import warnings
 
@@ -884,3 +885,105 @@ def test_early_stop_is_checked_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
     schedule(run_dir=tmp_path / "default", max_iterations=1).run()
     assert "early_stop" not in json.loads((tmp_path / "default" / "config.json").read_text())  # older runs still resume
+
+
+# -- a budget of finetune epochs -----------------------------------------------------------------------
+def test_max_finetune_epochs_cuts_the_finetune_that_reaches_it_and_stops_the_run(tmp_path):
+    from easier_ext.app.report import write_report
+
+    # 3 batches an epoch, a finetune of 1 epoch: 5/3 epochs are 5 batches, iteration 2's cut after 2
+    result = schedule(trained_cnn(), max_finetune_epochs=5 / 3, run_dir=tmp_path).run()
+    assert [[(r["batches"], r.get("truncated")) for r in log["finetune"]] for log in result.trajectory[1:]] == [
+        [(3, None)], [(2, True)]]
+    assert result.stopped == "spent the finetune budget: 1.667 of max_finetune_epochs=1.667 epochs"
+    assert json.loads((tmp_path / "summary.json").read_text())["finetune_epochs"] == pytest.approx(5 / 3)
+    assert json.loads((tmp_path / "config.json").read_text())["max_finetune_epochs"] == pytest.approx(5 / 3)
+    row = next(line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("| 2 "))
+    assert "finetune cut after 2 batches: the run's max_finetune_epochs was spent" in row
+    # iteration 2's model: iteration 1's with iteration 2's site linearized, after two steps of a plain loop
+    reference = torch.load(tmp_path / "checkpoints" / "001.pt", weights_only=False)["model"]
+    ee.linearize(reference, result.trajectory[2]["removed"])
+    reference.train()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)  # the recipe's
+    for x, y in list(loaders()[0])[:2]:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        optimizer.step()
+    kept = torch.load(tmp_path / "checkpoints" / "002.pt", weights_only=False)["model"]
+    trained = {k: v for k, v in reference.state_dict().items()  # not the sites' counts, which measuring changed
+               if k.rsplit(".", 1)[-1] in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    assert len(trained) == 25  # 5 weighted layers, 3 BatchNorms
+    for name, value in trained.items():
+        torch.testing.assert_close(kept.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_run_with_max_finetune_epochs_resumed_after_a_kill_spends_the_same(tmp_path):
+    whole = schedule(trained_cnn(), max_finetune_epochs=1.5, run_dir=tmp_path / "whole")
+    first = whole.run()
+    whole.close()
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "whole", killed)
+    for path in (killed / "iterations" / "002.json", killed / "checkpoints" / "002.pt", killed / "summary.json"):
+        path.unlink()  # killed during iteration 2's finetune
+    again = schedule(trained_cnn(), max_finetune_epochs=1.5, run_dir=killed, resume=True).run()
+    assert [sum(r["batches"] for r in log["finetune"]) for log in again.trajectory[1:]] == [3, 1]
+    assert again.stopped == first.stopped and again.removed == first.removed
+    for p, q in zip(again.linearized.state_dict().values(), first.linearized.state_dict().values()):
+        torch.testing.assert_close(p, q)
+
+
+def test_nepenthe_spends_no_more_than_max_finetune_epochs():
+    result = schedule(trained_cnn(), method=NEPENTHE, max_finetune_epochs=0.5).run()
+    assert [[(r["batches"], r.get("truncated")) for r in log["finetune"]] for log in result.trajectory[1:]] == [[(1, True)]]
+    assert result.stopped.startswith("spent the finetune budget: 0.3333 of max_finetune_epochs=0.5 epochs")
+
+
+class _NoLength:
+    """A training loader without a length."""
+
+    def __iter__(self):
+        return iter(loaders()[0])
+
+
+def test_max_finetune_epochs_is_checked_before_anything_is_written(tmp_path):
+    run = tmp_path / "run"
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match=r"max_finetune_epochs must be a finite number > 0 or None, got"):
+            schedule(max_finetune_epochs=bad, run_dir=run)
+    with pytest.raises(ValueError, match="max_finetune_epochs must be None with a train_fn"):
+        schedule(max_finetune_epochs=1, train_fn=lambda m, d: None, run_dir=run)
+    val = loaders()[1]
+    with pytest.raises(ValueError, match="max_finetune_epochs must be None with a training loader without a length and a "
+                                         "recipe without max_batches"):
+        EASIER(tiny_cnn(), _NoLength(), val, example_input=torch.randn(2, 3, 6, 6), max_finetune_epochs=1, run_dir=run)
+    with pytest.raises(ValueError, match=r"max_finetune_epochs must be at least one batch of finetuning: >= 1/3 epochs with 3 "
+                                         r"batches an epoch, got 0.3"):
+        schedule(max_finetune_epochs=0.3, run_dir=run)
+    assert not run.exists()
+    # the recipe's max_batches makes an epoch known: 2 batches
+    result = EASIER(tiny_cnn(), _NoLength(), val, example_input=torch.randn(2, 3, 6, 6), max_finetune_epochs=1.5,
+                    recipe=Recipe(epochs=1, max_batches=2, amp=False), latency=False, progress=False, budget=100.0).run()
+    assert [sum(r["batches"] for r in log["finetune"]) for log in result.trajectory[1:]] == [2, 1]
+    schedule(run_dir=tmp_path / "default", max_iterations=1).run()
+    assert "max_finetune_epochs" not in json.loads((tmp_path / "default" / "config.json").read_text())
+
+
+def test_once_the_finetune_budget_is_spent_probes_go_on_until_one_needs_a_finetune(monkeypatch):
+    import easier_ext.methods.easier as easier_module
+
+    # probes: iteration 1's over the budget (its finetune is cut after the budget's one batch),
+    # iteration 2's within it (kept, no finetune), iteration 3's over: the run stops there
+    monkeypatch.setattr(easier_module, "evaluate", _accuracies(0.0, 99.5, 0.0))
+    monkeypatch.setattr(schedule_module, "evaluate", _accuracies(100.0, 99.5))
+    result = schedule(trained_cnn(), probe=True, budget=1.0, max_finetune_epochs=1 / 3).run()
+    logs = result.trajectory[1:]
+    assert [(sum(r["batches"] for r in log["finetune"]), log.get("finetuned", True)) for log in logs] == [(1, True), (0, False)]
+    assert result.stopped == "spent the finetune budget: 0.3333 of max_finetune_epochs=0.3333 epochs; iteration 3 would need a finetune"
+    assert result.removed == logs[0]["removed"] + logs[1]["removed"]
+
+
+def test_without_probes_a_spent_finetune_budget_stops_the_run_before_it_measures_again(monkeypatch):
+    measured = count_calls(monkeypatch, schedule_module.measure_entropy)
+    result = schedule(trained_cnn(), max_finetune_epochs=1 / 3).run()
+    assert len(result.trajectory) == 2 and len(measured) == 1
+    assert result.stopped == "spent the finetune budget: 0.3333 of max_finetune_epochs=0.3333 epochs"

@@ -152,9 +152,11 @@ def _iterations(run: Run) -> list[str]:
         notes += ["over budget"] if budget is not None and dense - float(log["val_accuracy"]) > budget else []
         notes += ["undone: the next iteration starts from the last one kept"] if log.get("undone") else []
         notes += ["no finetune: a probe was within the budget"] if log.get("finetuned") is False else []
-        stopped = [r for r in log.get("finetune") or [] if r.get("stopped")]
-        notes += [f"finetune ended at a check within the budget after {r['batches']} batch{'es' * (r['batches'] != 1)}"
-                  + (f" of epoch {r['epoch'] + 1}" if r["epoch"] else "") for r in stopped]
+        for r in log.get("finetune") or []:  # an epoch that ran whole has no note (nor, in older runs, batches)
+            if r.get("stopped") or r.get("truncated"):
+                after = f" after {r['batches']} batch{'es' * (r['batches'] != 1)}" + (f" of epoch {r['epoch'] + 1}" if r["epoch"] else "")
+                notes += [f"finetune ended at a check within the budget{after}" if r.get("stopped")
+                          else f"finetune cut{after}: the run's max_finetune_epochs was spent"]
         row = [log["iteration"], removed, f"{len(log.get('linearized') or [])}/{total}",
                f"{float(log['val_accuracy']):.2f}" + (f" ({', '.join(notes)})" if notes else ""),
                format_cost("depth", log.get("depth")), format_cost("macs", log.get("macs")),

@@ -110,6 +110,9 @@ class EASIER(Schedule):
         # its finetune starts from the re-estimated statistics, closer to the budget than the old ones
         return {"removed": names, "sites_per_step": count, "probes": probes}
 
+    def _keeps_without_finetune(self) -> bool:
+        return self.options.probe
+
     def _probe(self, model: nn.Module, entropies: dict[str, float], count: int, chosen: list[str],
                dense_accuracy: float) -> tuple[list[dict], nn.Module]:
         """Tries ``chosen`` (the ``count`` lowest sites), then half as many, down to one, each on

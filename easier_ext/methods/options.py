@@ -181,6 +181,10 @@ def _int_or_none(value: Any) -> Optional[int]:
     return None if value is None else int(value)
 
 
+def _float_or_none(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
+
+
 @documented
 @dataclass
 class ScheduleOptions:
@@ -221,6 +225,12 @@ class ScheduleOptions:
                 "replaced)", cli=True, metavar="N",
         check=lambda v: _is_count(v) and v >= 0, expected="an int >= 0 (batches between checks; 0: off)", convert=int,
         recorded_if_set=True)
+    max_finetune_epochs: Optional[float] = option(
+        None, help="a budget of finetune epochs for the whole run (every iteration's, undone ones included, a part of an "
+                   "epoch counted as such): the finetune that reaches it ends there, and the run stops at the next step that "
+                   "needs a finetune (EASIER with probe goes on while probes keep sites without one; patience still applies)",
+        unset="no cap", cli=True, metavar="EPOCHS", check=lambda v: v is None or (is_real(v) and v > 0), convert=_float_or_none,
+        expected="a finite number > 0 or None", flag_expected="a finite number > 0 (omit it for no cap)", recorded_if_set=True)
     seed: int = option(0, help="seeds torch, Python and NumPy at the start", check=_is_count, expected="an int", convert=int)
     run_dir: Union[str, os.PathLike, None] = option(
         None, help="where logs, checkpoints and the final model go (see easier_ext.methods.rundir.RunDir)", unset="nowhere, no resume",
@@ -239,6 +249,9 @@ class ScheduleOptions:
             setattr(self, f.name, self.checked(f.name, getattr(self, f.name)))
         if self.early_stop and self.train_fn is not None:
             raise OptionError("early_stop", self.early_stop, "0 with a train_fn (the built-in finetune is the one it stops)")
+        if self.max_finetune_epochs is not None and self.train_fn is not None:
+            raise OptionError("max_finetune_epochs", self.max_finetune_epochs,
+                              "None with a train_fn (the epochs a train_fn runs are not known)")
 
     @classmethod
     def checked(cls, name: str, value: Any) -> Any:

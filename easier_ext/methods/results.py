@@ -9,7 +9,7 @@ from torch import nn
 
 from easier_ext.surgery.costs import Cost, LatencyComparison
 
-__all__ = ["ScheduleResult", "summary"]
+__all__ = ["ScheduleResult", "finetune_epochs", "summary"]
 
 
 @dataclass
@@ -62,7 +62,7 @@ def summary(result: ScheduleResult) -> dict:
         # the costs' example input, whose batch MACs and latencies are of
         "example_images": result.example_images,
         # what the whole run cost, past the returned iteration too (unknown with a train_fn)
-        "finetune_epochs": _finetune_epochs(result.trajectory),
+        "finetune_epochs": finetune_epochs(result.trajectory),
     }
     if result.sparsity is not None:
         out["sparsity"] = result.sparsity
@@ -73,10 +73,18 @@ def summary(result: ScheduleResult) -> dict:
     return out
 
 
-def _finetune_epochs(trajectory: list[dict]) -> Optional[float]:
-    """The epochs every iteration's finetune ran (a probed iteration kept with none ran 0; one
-    ended early by ``early_stop`` counts the part of its last epoch it ran); None when that is
-    not known (a train_fn finetuned, or a loader without a length was stopped early)."""
+def finetune_epochs(trajectory: list[dict]) -> Optional[float]:
+    """The finetune epochs a run spent, past its returned iteration and on undone ones too.
+
+    Args:
+        trajectory: the run's iteration logs, iteration 0 first.
+
+    Returns:
+        the epochs every iteration's finetune ran (a probed iteration kept with none ran 0; one
+        ended early by ``early_stop`` or ``max_finetune_epochs`` counts the part of its last epoch
+        it ran); None when that is not known (a train_fn finetuned, or a loader without a length
+        was stopped early).
+    """
     finetuned = [log for log in trajectory[1:] if log.get("finetuned", True)]
     if not all(log["finetune"] for log in finetuned):
         return None

@@ -21,6 +21,7 @@ from easier_ext.surgery.costs import Cost, compare_latency, cost
 from easier_ext.surgery.fold import fold
 from easier_ext.surgery.measure import measure_entropy
 from easier_ext.methods.rundir import RunDir, rng_state, seed_everything, set_rng_state
+from easier_ext.methods.finetune_budget import batches_left, check_finetune_budget, spent
 from easier_ext.methods.options import ScheduleOptions
 from easier_ext.methods.results import ScheduleResult, summary
 from easier_ext.methods.train import NonFiniteLossError, evaluate, finetune
@@ -84,6 +85,7 @@ class Schedule:
         if unknown:
             raise KeyError(f"cannot protect unknown sites {unknown}; the model's sites are {list(sites(self.model))}")
         self._prepare(self.model)
+        check_finetune_budget(options.max_finetune_epochs, train_loader, options.recipe)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.example_input = example_input
         identity = {**options.identity(), "sites": list(sites(self.model)), **_world_size(), **(options.config or {})}
@@ -149,6 +151,11 @@ class Schedule:
         weight and temperature (none: no regularizer)."""
         return [], 0.0, 1.0
 
+    def _keeps_without_finetune(self) -> bool:
+        """Whether a step may keep its change with no finetune (``"finetuned": False``): then a run
+        whose ``max_finetune_epochs`` are spent goes on until a step needs one."""
+        return False
+
     def _after_finetune(self, model: nn.Module, step: dict, k: int) -> dict:
         """Changes ``model`` after its finetune, before it is evaluated; returns the step's log
         entries, updated."""
@@ -190,12 +197,15 @@ class Schedule:
             if step is None:
                 stopped = f"iteration {k}: nothing left to change"
                 break
+            if step.get("finetuned", True) and self._steps_left(trajectory) == 0:
+                stopped = f"{spent(self.options.max_finetune_epochs, trajectory)}; iteration {k} would need a finetune"
+                break
             if step.get("finetuned", True):
                 regularized = self._regularized(candidate, entropies, step, trajectory)
                 if regularized[0]:
                     step = {**step, "regularized": regularized[0]}
                 try:
-                    history = self._finetune(candidate, regularized, dense)
+                    history = self._finetune(candidate, regularized, dense, self._steps_left(trajectory))
                 except NonFiniteLossError as e:
                     stopped = f"iteration {k}: {e}; kept the last good checkpoint"
                     break
@@ -245,7 +255,13 @@ class Schedule:
             return "no site left"
         if cap is not None and len(trajectory) > cap:
             return f"reached max_iterations={cap}"
+        if self._steps_left(trajectory) == 0 and not self._keeps_without_finetune():
+            return spent(self.options.max_finetune_epochs, trajectory)
         return ""
+
+    def _steps_left(self, trajectory: list[dict]) -> Optional[int]:
+        o = self.options
+        return batches_left(o.max_finetune_epochs, self.train_loader, o.recipe, trajectory)
 
     def _remaining(self, model: nn.Module) -> list[str]:
         return [n for n, s in sites(model).items() if not s.linearized and n not in self.options.protect]
@@ -262,9 +278,10 @@ class Schedule:
         return {name: r.entropy for name, r in result.items()}
 
     def _finetune(self, model: nn.Module, regularized: tuple[Sequence[str], float, float] = ((), 0.0, 1.0),
-                  dense_accuracy: Optional[float] = None) -> list[dict]:
+                  dense_accuracy: Optional[float] = None, max_steps: Optional[int] = None) -> list[dict]:
         """Finetunes ``model`` in place: ``train_fn``, or the recipe with the regularizer's sites
-        pushed and, with ``early_stop`` (and ``dense_accuracy``), ended once within the budget.
+        pushed, ended after ``max_steps`` batches and, with ``early_stop`` (and ``dense_accuracy``),
+        once within the budget.
 
         Returns:
             the finetune's records (none with a ``train_fn``).
@@ -283,7 +300,8 @@ class Schedule:
             stop = {}
             if o.early_stop and dense_accuracy is not None:
                 stop = dict(stop_when=functools.partial(self._within_budget, model, dense_accuracy), check_every=o.early_stop)
-            return finetune(model, self.train_loader, o.recipe, device=o.device, progress=o.progress, regularizer=penalty, **stop)
+            return finetune(model, self.train_loader, o.recipe, device=o.device, progress=o.progress, regularizer=penalty,
+                            max_steps=max_steps, **stop)
         finally:
             for s in targets:  # no proxy, with its graph, may stay on the model (copies and checkpoints)
                 s.regularize(None)
