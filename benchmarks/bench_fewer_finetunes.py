@@ -12,7 +12,9 @@ Variants (``easier-ext run --method easier`` options on top of ``--run-args``):
 - ``probe+reg``: ``probe`` and the entropy regularizer (``--entropy-weight 0.01``);
 - ``probe+stop``: ``probe`` and ``--early-stop 4`` (every finetune ends at the first check, every
   4 batches, where the validation accuracy is back within the budget);
-- ``probe+stop+reg``: ``probe+stop`` and the regularizer.
+- ``probe+stop+reg``: ``probe+stop`` and the regularizer;
+- ``probe+stop+cap``: ``probe+stop`` with ``--max-finetune-epochs`` a third of what ``base`` spent
+  (the issue's target as a budget the run is given: how many sites it removes within it).
 
 "epochs to base's sites" is what a variant had spent when it first held as many sites as ``base``
 removed, within the budget.
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 
 from easier_ext.app.runlog import load_run
+from easier_ext.methods.results import finetune_epochs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import machine  # noqa: E402
@@ -46,7 +49,9 @@ VARIANTS = {
     "probe+reg": ["--sites-per-step", "auto", "--probe", "--entropy-weight", "0.01"],
     "probe+stop": ["--sites-per-step", "auto", "--probe", "--early-stop", "4"],
     "probe+stop+reg": ["--sites-per-step", "auto", "--probe", "--early-stop", "4", "--entropy-weight", "0.01"],
+    "probe+stop+cap": ["--sites-per-step", "auto", "--probe", "--early-stop", "4"],  # and a third of base's epochs
 }
+CAPPED = {"probe+stop+cap": 1 / 3}  # variants given this share of base's finetune epochs
 
 
 def main(argv=None) -> None:
@@ -60,11 +65,20 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--resume", action="store_true", help="continue the runs already in --out (finished ones are only timed again)")
     args = parser.parse_args(argv)
+    if set(args.variants) & set(CAPPED) and "base" not in args.variants:
+        parser.error(f"--variants {' '.join(sorted(set(args.variants) & set(CAPPED)))} need base, whose epochs they get a share of")
     print(f"torch {torch.__version__}, {machine('cpu')}, digits, budget {args.budget} point(s), {args.run_args}\n", flush=True)
     rows = []
     for name in args.models:
         variants = {v: ["--method", "easier", *args.run_args.split(), *VARIANTS[v]] for v in args.variants}
-        for variant, run_dir in runs_from_one_dense(name, variants, args.out / name, args.budget, args.resume).items():
+        uncapped = {v: options for v, options in variants.items() if v not in CAPPED}
+        dirs = runs_from_one_dense(name, uncapped, args.out / name, args.budget, args.resume)
+        if set(variants) & set(CAPPED):
+            spent = load_run(dirs["base"])["summary"]["finetune_epochs"]
+            capped = {v: [*options, "--max-finetune-epochs", f"{CAPPED[v] * spent:.6g}"] for v, options in variants.items() if v in CAPPED}
+            dense = next(iter(dirs.values())) / "dense.pt"  # the first run trained it
+            dirs.update(runs_from_one_dense(name, capped, args.out / name, args.budget, args.resume, dense))
+        for variant, run_dir in dirs.items():
             run = load_run(run_dir)
             rows.append((name, variant, run["summary"], len(run["config"]["sites"]), run["iterations"],
                          latency(run_dir, args.batch, args.rounds, run["config"]["image_size"])))
@@ -88,12 +102,9 @@ def main(argv=None) -> None:
 def epochs_to_sites(logs: list[dict], dense: float, budget: float, sites: int):
     """The finetune epochs a run had spent when it first kept ``sites`` sites linearized within the
     budget (None: it never did)."""
-    spent = 0.0
-    for log in logs[1:]:
-        if log.get("finetuned", True):
-            spent += sum(record.get("fraction", 1) for record in log["finetune"])
+    for i, log in enumerate(logs[1:], start=2):
         if not log.get("undone") and dense - log["val_accuracy"] <= budget and len(log["linearized"]) >= sites:
-            return spent
+            return finetune_epochs(logs[:i])
     return None
 
 

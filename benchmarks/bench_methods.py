@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -44,15 +45,17 @@ def latency(run_dir: Path, batch: int, rounds: int, size: int) -> LatencyCompari
     return compare_latency(dense, folded, x, rounds=rounds)
 
 
-def runs_from_one_dense(name: str, variants: dict[str, list[str]], out: Path, budget: float, resume: bool) -> dict[str, Path]:
+def runs_from_one_dense(name: str, variants: dict[str, list[str]], out: Path, budget: float, resume: bool,
+                        dense_weights: Optional[Path] = None) -> dict[str, Path]:
     """``easier-ext run`` of model ``name`` once per variant (its extra options), in ``out/<variant>``:
-    the first trains the dense model, the others start from its ``dense.pt``. With ``resume``, a
-    finished run is kept as it is and an unfinished one resumed.
+    all start from ``dense_weights``; without them the first trains the dense model and the others
+    start from its ``dense.pt``. With ``resume``, a finished run is kept as it is and an unfinished
+    one resumed.
 
     Returns:
         each variant's run directory.
     """
-    dense_weights, dirs = None, {}
+    dirs = {}
     for variant, options in variants.items():
         run_dir = dirs[variant] = out / variant
         size = (["--image-size", str(IMAGE_SIZE[name])] if name in IMAGE_SIZE else []) + MODEL_ARGS.get(name, [])
