@@ -978,7 +978,8 @@ def test_once_the_finetune_budget_is_spent_probes_go_on_until_one_needs_a_finetu
     result = schedule(trained_cnn(), probe=True, budget=1.0, max_finetune_epochs=1 / 3).run()
     logs = result.trajectory[1:]
     assert [(sum(r["batches"] for r in log["finetune"]), log.get("finetuned", True)) for log in logs] == [(1, True), (0, False)]
-    assert result.stopped == "spent the finetune budget: 0.3333 of max_finetune_epochs=0.3333 epochs; iteration 3 would need a finetune"
+    assert result.stopped == ("spent the finetune budget: 0.3333 of max_finetune_epochs=0.3333 epochs; iteration 3 would need a finetune "
+                              "(its probes: 0.00)")
     assert result.removed == logs[0]["removed"] + logs[1]["removed"]
 
 

@@ -4,14 +4,14 @@ left of it after the iterations so far, and what a run that spent it says."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from easier_ext.core.runtime import batch_count
 from easier_ext.methods.options import OptionError
 from easier_ext.methods.recipe import Recipe
 from easier_ext.methods.results import finetune_epochs
 
-__all__ = ["batches_left", "check_finetune_budget", "spent"]
+__all__ = ["batches_left", "check_finetune_budget", "spent_reason"]
 
 
 def check_finetune_budget(epochs: Optional[float], train_loader: Iterable, recipe: Recipe) -> None:
@@ -52,12 +52,30 @@ def batches_left(epochs: Optional[float], train_loader: Iterable, recipe: Recipe
     """
     if epochs is None:
         return None
-    return max(0, _batches(epochs - finetune_epochs(trajectory), batch_count(train_loader, recipe.max_batches)))
+    used = finetune_epochs(trajectory)
+    if used is None:  # check_finetune_budget refused what would make it unknown (a train_fn, a loader without a length)
+        raise RuntimeError("the finetune epochs of the run so far are not known; a budget of them cannot be counted")
+    return max(0, _batches(epochs - used, batch_count(train_loader, recipe.max_batches)))
 
 
-def spent(epochs: float, trajectory: list[dict]) -> str:
-    """Why a run stops once its budget is spent (``ScheduleResult.stopped``)."""
-    return f"spent the finetune budget: {finetune_epochs(trajectory):.4g} of max_finetune_epochs={epochs:.4g} epochs"
+def spent_reason(epochs: float, trajectory: list[dict], iteration: Optional[int] = None, probes: Sequence[dict] = ()) -> str:
+    """Why a run stops once its budget is spent.
+
+    Args:
+        epochs: ``max_finetune_epochs``.
+        trajectory: the run's iteration logs, iteration 0 first.
+        iteration: the iteration that stopped it by needing a finetune (None: it stopped before one).
+        probes: that iteration's probes (``{"accuracy": ...}`` each), none within the accuracy budget.
+
+    Returns:
+        the sentence for ``ScheduleResult.stopped``: the epochs spent, of the budget, and which
+        iteration would have needed more.
+    """
+    reason = f"spent the finetune budget: {finetune_epochs(trajectory):.4g} of max_finetune_epochs={epochs:.4g} epochs"
+    if iteration is not None:
+        tried = ", ".join(f"{p['accuracy']:.2f}" for p in probes)
+        reason += f"; iteration {iteration} would need a finetune" + (f" (its probes: {tried})" if tried else "")
+    return reason
 
 
 def _batches(epochs: float, per_epoch: int) -> int:

@@ -21,7 +21,7 @@ from easier_ext.surgery.costs import Cost, compare_latency, cost
 from easier_ext.surgery.fold import fold
 from easier_ext.surgery.measure import measure_entropy
 from easier_ext.methods.rundir import RunDir, rng_state, seed_everything, set_rng_state
-from easier_ext.methods.finetune_budget import batches_left, check_finetune_budget, spent
+from easier_ext.methods.finetune_budget import batches_left, check_finetune_budget, spent_reason
 from easier_ext.methods.options import ScheduleOptions
 from easier_ext.methods.results import ScheduleResult, summary
 from easier_ext.methods.train import NonFiniteLossError, evaluate, finetune
@@ -197,15 +197,15 @@ class Schedule:
             if step is None:
                 stopped = f"iteration {k}: nothing left to change"
                 break
-            if step.get("finetuned", True) and self._steps_left(trajectory) == 0:
-                stopped = f"{spent(self.options.max_finetune_epochs, trajectory)}; iteration {k} would need a finetune"
+            if step.get("finetuned", True) and self._batches_left(trajectory) == 0:
+                stopped = spent_reason(self.options.max_finetune_epochs, trajectory, k, step.get("probes", ()))
                 break
             if step.get("finetuned", True):
                 regularized = self._regularized(candidate, entropies, step, trajectory)
                 if regularized[0]:
                     step = {**step, "regularized": regularized[0]}
                 try:
-                    history = self._finetune(candidate, regularized, dense, self._steps_left(trajectory))
+                    history = self._finetune(candidate, regularized, dense, self._batches_left(trajectory))
                 except NonFiniteLossError as e:
                     stopped = f"iteration {k}: {e}; kept the last good checkpoint"
                     break
@@ -255,11 +255,12 @@ class Schedule:
             return "no site left"
         if cap is not None and len(trajectory) > cap:
             return f"reached max_iterations={cap}"
-        if self._steps_left(trajectory) == 0 and not self._keeps_without_finetune():
-            return spent(self.options.max_finetune_epochs, trajectory)
+        if self._batches_left(trajectory) == 0 and not self._keeps_without_finetune():
+            return spent_reason(self.options.max_finetune_epochs, trajectory)
         return ""
 
-    def _steps_left(self, trajectory: list[dict]) -> Optional[int]:
+    def _batches_left(self, trajectory: list[dict]) -> Optional[int]:
+        """The finetune batches ``max_finetune_epochs`` still holds (None: no budget)."""
         o = self.options
         return batches_left(o.max_finetune_epochs, self.train_loader, o.recipe, trajectory)
 

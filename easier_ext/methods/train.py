@@ -121,7 +121,8 @@ def finetune(
         check_every: how many batches between two calls of ``stop_when``; required with it.
         max_steps: the most batches the finetune runs in all (counted over all epochs), e.g. what
             is left of a run's budget of finetune epochs; fewer than the recipe's batches end it
-            early, its learning-rate schedule as far as it got. None: the recipe's epochs.
+            early, its learning-rate schedule as far as it got (``stop_when`` is not asked after
+            that last batch either). None: the recipe's epochs.
 
     Returns:
         one record per epoch run: ``epoch`` (0-based), ``lr`` (the epoch's learning rate), ``loss``
