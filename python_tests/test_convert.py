@@ -159,6 +159,31 @@ def test_functional_and_inplace_calls():
     assert found["relu_3"].on_counts.shape == (4,) and found["relu_"].on_counts.shape == (4,)
 
 
+class _Blocks(nn.Module):
+    """A BasicBlock-like module (one ReLU called twice: its forward is rewritten) and a
+    functional call, inside a Sequential with a plain ReLU module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.relu = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU()
+
+    def forward(self, x):
+        return F.relu(self.relu(self.bn(self.relu(self.fc(x)))))
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_convert_keeps_every_modules_training_mode(mode):
+    model = nn.Sequential(_Blocks(), nn.ReLU(), _Blocks())
+    model.train(mode)
+    model[2].bn.train(not mode)  # a mixed model stays mixed
+    before = {name: m.training for name, m in model.named_modules()}
+    converted = ee.convert(model)
+    after = dict(converted.named_modules())
+    assert {name: after[name].training for name in before} == before
+    found = ee.sites(converted)
+    assert len(found) == 7 and {name: s.training for name, s in found.items()} == dict.fromkeys(found, mode)
+
+
 def test_channel_dim_inferred_and_overridden():
     swin = ee.convert(torchvision.models.swin_t())
     assert {s.channel_dim for s in ee.sites(swin).values()} == {-1}

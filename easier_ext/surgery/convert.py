@@ -62,8 +62,9 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
     submodules, parameters and buffers kept under their names. A shared ``nn.PReLU`` stays shared:
     its sites use the same weight.
 
-    Outputs do not change. In-place calls become out-of-place and later uses of their input read
-    the result, as before. A forward is only rewritten from a trace that computes what it does:
+    Outputs do not change, nor do training modes (a new module takes the mode of what it replaces,
+    or of the module it sits in). In-place calls become out-of-place and later uses of their input
+    read the result, as before. A forward is only rewritten from a trace that computes what it does:
     one that does not depend on the training mode nor on whether an optional argument is given
     (``if shortcut is None: shortcut = x``). A module whose forward cannot be traced that way on
     its own (such a branch, or ``x[i] = ...`` into the list it is given) is traced as its caller
@@ -96,6 +97,7 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    modes = {name: m.training for name, m in model.named_modules()}
     converter = _Converter(channel_dim, track)
     model, pending = converter.convert(model, "")
     converter.finish(pending)
@@ -121,9 +123,18 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
         )
     if passed:
         warnings.warn(f"convert passed over {passed}", stacklevel=2)
+    _keep_training_modes(model, modes)
     order_by_execution(model)
     ignore_counts_in_ddp(model, found)
     return model
+
+
+def _keep_training_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    """The modules convert made (sites, rewritten forwards), which start in train mode as every
+    new module does, take the mode of what they replace, or else of the module they sit in:
+    an eval model stays one (``modes``: each path's before converting)."""
+    for name, m in model.named_modules():  # a parent before its children
+        m.training = modes[name] if name in modes else model.get_submodule(name.rpartition(".")[0]).training
 
 
 @dataclass
