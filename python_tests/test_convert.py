@@ -175,13 +175,62 @@ class _Blocks(nn.Module):
 def test_convert_keeps_every_modules_training_mode(mode):
     model = nn.Sequential(_Blocks(), nn.ReLU(), _Blocks())
     model.train(mode)
-    model[2].bn.train(not mode)  # a mixed model stays mixed
+    model[0].train(not mode)  # a mixed model stays mixed: its first block's sites too
+    model[2].bn.train(not mode)
     before = {name: m.training for name, m in model.named_modules()}
     converted = ee.convert(model)
     after = dict(converted.named_modules())
     assert {name: after[name].training for name in before} == before
     found = ee.sites(converted)
-    assert len(found) == 7 and {name: s.training for name, s in found.items()} == dict.fromkeys(found, mode)
+    assert len(found) == 7
+    assert {name: s.training for name, s in found.items()} == {name: mode != name.startswith("0.") for name in found}
+
+
+class _SharedFrozen(nn.Module):
+    """One Sequential with a frozen BatchNorm under two paths, the second called first (the
+    functional call makes convert rewrite this forward and order the children by use), and an
+    eval ReLU registered twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shared = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.p1, self.p2 = nn.Sequential(shared), nn.Sequential(shared)
+        self.act = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU())
+        self.act[2] = self.act[1]
+
+    def forward(self, x):
+        return self.act(F.relu(self.p1(self.p2(x))))
+
+
+def test_convert_keeps_the_mode_of_shared_modules():
+    model = _SharedFrozen()
+    model.p1[0][1].eval()
+    model.act[1].eval()
+    converted = ee.convert(model)
+    assert converted.p1[0][1] is converted.p2[0][1] and not converted.p1[0][1].training
+    assert converted.p1[0][0].training and converted.training
+    assert {name: s.training for name, s in ee.sites(converted).items()} == {"relu": True, "act.1": False, "act.2": False}
+
+
+@pytest.mark.parametrize("kind", [nn.ReLU, nn.PReLU])
+def test_a_rectifier_at_two_places_of_a_sequential_is_a_site_at_each(kind):
+    torch.manual_seed(0)
+    act = kind()
+    model = nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 4), act)
+    converted = ee.convert(model)
+    found = ee.sites(converted)
+    assert list(found) == ["1", "3"] and found["1"] is not found["3"]
+    if kind is nn.PReLU:  # one weight, as the model had
+        assert found["1"].weight is found["3"].weight and len(list(converted.parameters())) == 5
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))
+    # each counted its own call: the ON states of what it was given
+    hidden = model[0](x)
+    second = model[2](act(hidden))
+    with torch.no_grad():
+        assert found["1"].on_counts.tolist() == (hidden > 0).sum(0).tolist()
+        assert found["3"].on_counts.tolist() == (second > 0).sum(0).tolist()
 
 
 def test_channel_dim_inferred_and_overridden():

@@ -12,7 +12,7 @@ from torch import nn
 
 from easier_ext.core.modules import EntropyActivation
 from easier_ext.core.sites import sites
-from easier_ext.surgery.converted import ignore_counts_in_ddp, order_by_execution, order_children_by_use, passed_over
+from easier_ext.surgery.converted import ignore_counts_in_ddp, keep_training_modes, order_by_execution, order_children_by_use, passed_over
 from easier_ext.surgery.faithful import (
     OWNER,
     CallerTracer,
@@ -97,10 +97,12 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    modes = {name: m.training for name, m in model.named_modules()}
+    existing = set(model.modules())  # holds them: no id is reused by a new module
+    modes = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
     converter = _Converter(channel_dim, track)
     model, pending = converter.convert(model, "")
     converter.finish(pending)
+    keep_training_modes(model, existing, modes)
     if converter.untraceable:
         message = "could not convert these rectifier call sites, because torch.fx cannot trace the forward that calls them faithfully:\n" + "\n".join(
             f"  - {line}" for line in converter.untraceable
@@ -123,18 +125,10 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
         )
     if passed:
         warnings.warn(f"convert passed over {passed}", stacklevel=2)
-    _keep_training_modes(model, modes)
     order_by_execution(model)
     ignore_counts_in_ddp(model, found)
     return model
 
-
-def _keep_training_modes(model: nn.Module, modes: dict[str, bool]) -> None:
-    """The modules convert made (sites, rewritten forwards), which start in train mode as every
-    new module does, take the mode of what they replace, or else of the module they sit in:
-    an eval model stays one (``modes``: each path's before converting)."""
-    for name, m in model.named_modules():  # a parent before its children
-        m.training = modes[name] if name in modes else model.get_submodule(name.rpartition(".")[0]).training
 
 
 @dataclass
@@ -198,9 +192,11 @@ class _Converter:
 
     def _convert_sequential(self, seq: nn.Sequential, path: str) -> None:
         producer = None
-        for name, child in list(seq.named_children()):
+        for name, child in list(seq._modules.items()):  # a module at two places runs twice: a site at each
             if isinstance(child, RECTIFIER_MODULES):
                 setattr(seq, name, self._site(child, _join(path, name), producer))
+                if isinstance(child, nn.PReLU):
+                    seq._modules[name].weight = child.weight  # a shared PReLU keeps one weight
             if not isinstance(child, _PASS_THROUGH):
                 producer = child
 

@@ -1,5 +1,6 @@
-"""What :func:`easier_ext.convert` does to a model once its sites are in place: name the
-activations it has no site for, order the modules by execution, keep DDP off the counts."""
+"""What :func:`easier_ext.convert` does to a model once its sites are in place: keep the modules'
+training modes, name the activations it has no site for, order the modules by execution, keep
+DDP off the counts."""
 
 from __future__ import annotations
 
@@ -11,11 +12,26 @@ from torch import nn
 from easier_ext.core.modules import EntropyActivation
 from easier_ext.surgery.tracing import TraceError, trace
 
-__all__ = ["passed_over", "order_children_by_use", "order_by_execution", "ignore_counts_in_ddp"]
+__all__ = ["keep_training_modes", "passed_over", "order_children_by_use", "order_by_execution", "ignore_counts_in_ddp"]
 
 # activations shaped like a rectifier (nearly linear on one side of a point) that have no easier_ext
 # site yet: a model's entropy picture leaves them out, which the user should know
 _UNTRACKED_ACTIVATIONS = (nn.Hardsigmoid, nn.SELU, nn.CELU, nn.Softplus, nn.RReLU, nn.Threshold)
+
+
+def keep_training_modes(model: nn.Module, existing: set, modes: dict[str, bool]) -> None:
+    """Gives the modules convert made (sites, rewritten forwards), which start in train mode as
+    every new module does, the mode of what they replace, or else of the module they sit in, so
+    that an eval model stays one; the others keep theirs.
+
+    Args:
+        model: the converted model, changed in place.
+        existing: the modules before converting (held, so that no new module reuses an id).
+        modes: each path's mode before converting, shared modules under each of their paths.
+    """
+    for name, m in model.named_modules(remove_duplicate=False):  # a parent before its children
+        if m not in existing:
+            m.training = modes[name] if name in modes else model.get_submodule(name.rpartition(".")[0]).training
 
 
 def passed_over(model: nn.Module) -> str:
