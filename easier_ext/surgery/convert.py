@@ -130,7 +130,6 @@ def convert(model: nn.Module, *, channel_dim: ChannelDim = None, track: bool = T
     return model
 
 
-
 @dataclass
 class _Pending:
     """A module whose rectifier calls its own trace cannot convert; a caller's trace may."""
@@ -188,15 +187,16 @@ class _Converter:
             dim = dim.get(name)
         if dim is None:
             dim = -1 if isinstance(producer, _CHANNEL_LAST_PRODUCERS) else 1
-        return EntropyActivation.from_module(torch_module, channel_dim=dim, track=self.track)
+        site = EntropyActivation.from_module(torch_module, channel_dim=dim, track=self.track)
+        if isinstance(torch_module, nn.PReLU):
+            site.weight = torch_module.weight  # the model's own parameter: a PReLU called at several places keeps one
+        return site
 
     def _convert_sequential(self, seq: nn.Sequential, path: str) -> None:
         producer = None
         for name, child in list(seq._modules.items()):  # a module at two places runs twice: a site at each
             if isinstance(child, RECTIFIER_MODULES):
                 setattr(seq, name, self._site(child, _join(path, name), producer))
-                if isinstance(child, nn.PReLU):
-                    seq._modules[name].weight = child.weight  # a shared PReLU keeps one weight
             if not isinstance(child, _PASS_THROUGH):
                 producer = child
 
@@ -322,10 +322,7 @@ class _Converter:
                 except ValueError as e:
                     self.untraceable.append(f"{_join(path, node.name)} in {type(module).__name__}: {e}")
                     continue
-            new_site = self._site(torch_module, _join(path, name), producer)
-            if isinstance(torch_module, nn.PReLU):
-                new_site.weight = torch_module.weight  # a shared PReLU keeps one weight
-            new_sites[name] = new_site
+            new_sites[name] = self._site(torch_module, _join(path, name), producer)
             source = node.args[0] if node.args else node.kwargs["input"]
             with graph.inserting_after(node):
                 call = graph.call_module(name, (source,))
