@@ -197,15 +197,16 @@ class Schedule:
             if step is None:
                 stopped = f"iteration {k}: nothing left to change"
                 break
-            if step.get("finetuned", True) and self._batches_left(trajectory) == 0:
-                stopped = spent_reason(self.options.max_finetune_epochs, trajectory, k, step.get("probes", ()))
-                break
             if step.get("finetuned", True):
+                left = self._batches_left(trajectory)
+                if left == 0:
+                    stopped = spent_reason(self.options.max_finetune_epochs, trajectory, k, step.get("probes", ()))
+                    break
                 regularized = self._regularized(candidate, entropies, step, trajectory)
                 if regularized[0]:
                     step = {**step, "regularized": regularized[0]}
                 try:
-                    history = self._finetune(candidate, regularized, dense, self._batches_left(trajectory))
+                    history = self._finetune(candidate, regularized, dense, left)
                 except NonFiniteLossError as e:
                     stopped = f"iteration {k}: {e}; kept the last good checkpoint"
                     break
@@ -261,8 +262,7 @@ class Schedule:
 
     def _batches_left(self, trajectory: list[dict]) -> Optional[int]:
         """The finetune batches ``max_finetune_epochs`` still holds (None: no budget)."""
-        o = self.options
-        return batches_left(o.max_finetune_epochs, self.train_loader, o.recipe, trajectory)
+        return batches_left(self.options.max_finetune_epochs, self.train_loader, self.options.recipe, trajectory)
 
     def _remaining(self, model: nn.Module) -> list[str]:
         return [n for n, s in sites(model).items() if not s.linearized and n not in self.options.protect]
