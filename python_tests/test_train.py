@@ -48,6 +48,20 @@ def _params(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _plain_sgd(model: nn.Module, batches: list, lrs: list[float]) -> None:
+    """The default recipe's optimizer (SGD, momentum 0.9, weight decay 5e-4) as a plain loop: one
+    step on each of the first ``len(lrs)`` batches at its learning rate, in train mode (batch
+    statistics in every step, running ones updated, as finetune's must be)."""
+    assert len(lrs) <= len(batches)
+    opt = torch.optim.SGD(model.parameters(), lr=lrs[0], momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for (x, y), lr in zip(batches, lrs):
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
 def _without_seconds(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
@@ -337,11 +351,7 @@ def test_non_finite_loss_stops_before_the_step(value, bad_call, epoch, batch):
         finetune(model, batches, recipe, progress=False)
 
     # the good steps, by a plain PyTorch loop
-    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    for x, y in (batches * 2)[: bad_call - 1]:
-        opt.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        opt.step()
+    _plain_sgd(reference, batches * 2, [0.1] * (bad_call - 1))
     for p, q in zip(model.net.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     err = info.value
@@ -369,12 +379,7 @@ def test_stop_when_ends_the_finetune_after_the_batch_it_says_so():
     assert len(accuracies) == 3
     assert [r["batches"] for r in history] == [5, 4] and [r["samples"] for r in history] == [40, 32]
     assert "stopped" not in history[0] and history[1]["stopped"] is True and history[1]["fraction"] == pytest.approx(0.8)
-    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    reference.train()  # batch statistics in every step, and running ones updated, as finetune's must be
-    for x, y in (batches * 2)[:9]:
-        opt.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        opt.step()
+    _plain_sgd(reference, batches * 2, [0.1] * 9)
     for p, q in zip(model.state_dict().values(), reference.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
@@ -418,14 +423,7 @@ def test_max_steps_ends_the_finetune_after_that_many_batches_in_all():
         (5, 0.1, None, None), (2, 0.05, True, pytest.approx(0.4))]
     assert "stopped" not in history[1]
     # a plain loop of the same 7 steps, the learning rate halved after the first epoch
-    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    reference.train()
-    for step, (x, y) in enumerate((batches * 2)[:7]):
-        if step == 5:
-            opt.param_groups[0]["lr"] = 0.05
-        opt.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        opt.step()
+    _plain_sgd(reference, batches * 2, [0.1] * 5 + [0.05] * 2)
     for p, q in zip(model.state_dict().values(), reference.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
